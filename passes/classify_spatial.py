@@ -1,0 +1,134 @@
+"""Classify every value as image-like, derived or static, and match its op-table rule.
+
+Writes ``SPATIAL`` (every node) and ``RULE`` (call_function nodes that depend on a spatial input).
+Spatial inputs are ``ctx.settings.spatial_inputs`` or, by default, every 4-D floating placeholder
+with height and width above 1; they must share one resolution. A value depends on a spatial
+input when any of its inputs does; it is IMAGE when it is a 4-D tensor with more than one pixel,
+otherwise DERIVED. Nodes whose op has no rule, or whose rule declines, are recorded in
+``ctx.fallbacks`` with the reason.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch.fx import GraphModule, Node
+
+from sigec import meta_keys as K
+from sigec.passes.op_table import OpKind, lookup
+from sigec.passes.pass_base import PassContext, sigec_pass
+from sigec.plan import SpatialInfo, SpatialKind
+
+
+class SpatialInputError(ValueError):
+    pass
+
+
+def _tensor_val(node: Node) -> Optional[torch.Tensor]:
+    v = node.meta.get("val")
+    if isinstance(v, (tuple, list)) and v and isinstance(v[0], torch.Tensor):
+        v = v[0]
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def _is_image_shaped(v: Optional[torch.Tensor]) -> bool:
+    return v is not None and v.dim() == 4 and (int(v.shape[-2]), int(v.shape[-1])) != (1, 1)
+
+
+def _spatial_placeholders(gm: GraphModule, ctx: PassContext) -> list[Node]:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    names = ctx.settings.spatial_inputs
+    if names is not None:
+        by_name = {n.name: n for n in placeholders}
+        unknown = [s for s in names if s not in by_name]
+        if unknown:
+            raise SpatialInputError(f"spatial_inputs names {unknown} that are not inputs of the model; "
+                                    f"inputs are {list(by_name)}")
+        chosen = [by_name[s] for s in names]
+    else:
+        chosen = [n for n in placeholders
+                  if _is_image_shaped(_tensor_val(n)) and _tensor_val(n).is_floating_point()]
+    if not chosen:
+        raise SpatialInputError("the model has no image input (a 4-D floating tensor with H and W > 1); "
+                                "name the image inputs with spatial_inputs=(...)")
+    resolutions = {tuple(_tensor_val(n).shape[-2:]) for n in chosen}
+    if len(resolutions) != 1:
+        raise SpatialInputError(f"spatial inputs {[n.name for n in chosen]} have different resolutions "
+                                f"{sorted(resolutions)}; pass spatial_inputs=(...) naming those of one resolution")
+    return chosen
+
+
+@sigec_pass(provides=(K.SPATIAL, K.RULE))
+def classify_spatial(gm: GraphModule, ctx: PassContext) -> GraphModule:
+    spatial = _spatial_placeholders(gm, ctx)
+    ctx.spatial_inputs = tuple(n.name for n in spatial)
+    first = _tensor_val(spatial[0])
+    ctx.input_resolution = (int(first.shape[-2]), int(first.shape[-1]))
+    ctx.batch = int(first.shape[0])
+    spatial_set = set(spatial)
+    for node in gm.graph.nodes:
+        tainted = node in spatial_set or (
+            node.op == "call_function"
+            and any(n.meta[K.SPATIAL].tainted for n in node.all_input_nodes))
+        v = _tensor_val(node)
+        if not tainted:
+            info = SpatialInfo(SpatialKind.STATIC)
+        elif _is_image_shaped(v):
+            info = SpatialInfo(SpatialKind.IMAGE, (int(v.shape[-2]), int(v.shape[-1])))
+        else:
+            info = SpatialInfo(SpatialKind.DERIVED)
+        node.meta[K.SPATIAL] = info
+        if node.op != "call_function" or not tainted:
+            continue
+        rule = lookup(node.target)
+        reason = None
+        if rule is None:
+            reason = f"no sparse rule for {node.target}"
+        elif rule.kind not in (OpKind.IGNORED, OpKind.PROJECTION):
+            if info.kind is not SpatialKind.IMAGE:
+                reason = "output is not image-like"
+            else:
+                reason = rule.supports(node) or _operands_unsupported(node, rule, info)
+        if reason is not None:
+            rule = None
+            if info.kind is SpatialKind.IMAGE:
+                ctx.fallbacks[node.name] = reason
+        node.meta[K.RULE] = rule
+    return gm
+
+
+def _operands_unsupported(node: Node, rule, info: SpatialInfo) -> Optional[str]:
+    """Image operands must match the output resolution; others must broadcast over space."""
+    operands = list(_flat_nodes(node.args)) + list(_flat_nodes(node.kwargs.values()))
+    if rule.spatial_args is not None:
+        spatial = set(_flat_nodes([node.args[i] for i in rule.spatial_args if i < len(node.args)]))
+        if any(op.meta[K.SPATIAL].tainted for op in operands if op not in spatial):
+            return "depends on a spatial value through a non-spatial argument"
+    if rule.kind is OpKind.LOCAL:
+        src = node.args[0].meta[K.SPATIAL]
+        return None if src.kind is SpatialKind.IMAGE else "input is not image-like"
+    for op in operands:
+        s = op.meta[K.SPATIAL]
+        if rule.spatial_args is not None and not s.tainted:
+            continue  # weights, statistics and scalars of ops with designated image arguments
+        if s.kind is SpatialKind.IMAGE:
+            if s.resolution != info.resolution:
+                return f"mixes resolutions {s.resolution} and {info.resolution}"
+        elif s.kind is SpatialKind.DERIVED:
+            return "combines an image with a value derived from the whole image"
+        else:
+            v = _tensor_val(op)
+            if v is None or v.dim() == 0:
+                continue
+            hw = tuple(int(d) for d in ([1, 1] + list(v.shape))[-2:])
+            if hw != (1, 1) and not (v.dim() == 4 and hw == info.resolution):
+                return f"operand {op.name} of shape {tuple(v.shape)} varies over space in a way blocks cannot follow"
+    return None
+
+
+def _flat_nodes(args):
+    for a in args:
+        if isinstance(a, Node):
+            yield a
+        elif isinstance(a, (list, tuple)):
+            yield from _flat_nodes(a)

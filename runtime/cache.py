@@ -1,0 +1,95 @@
+"""Cache slots: what one recorded run left behind, keyed by its non-spatial inputs.
+
+A diffusion edit runs many steps; each step (timestep, text embedding) has its own slot. The key
+is a fingerprint of the non-spatial inputs' values, or a name the user gives. A store has an
+optional byte budget; past it the least recently used slot is evicted (``on_full="evict"``) or
+``CacheBudgetError`` is raised (``on_full="raise"``) - never a silent wrong result.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+from typing import Any, Hashable, Optional
+
+import torch
+
+
+class CacheBudgetError(RuntimeError):
+    pass
+
+
+def fingerprint(values: list) -> str:
+    """Stable digest of tensors and Python values (shape, dtype and bytes of each tensor)."""
+    h = hashlib.sha1()
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            t = v.detach().to("cpu").contiguous()
+            h.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        else:
+            h.update(repr(v).encode())
+        h.update(b";")
+    return h.hexdigest()
+
+
+@dataclasses.dataclass
+class Slot:
+    """One recorded run: its spatial inputs (the baseline for differences), the tensors the
+    incremental graph reads, the outputs, and the fingerprint of its non-spatial inputs."""
+
+    spatial_inputs: list
+    caches: list
+    outputs: list
+    nonspatial_fingerprint: str
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.spatial_inputs + self.caches + self.outputs
+                   if isinstance(t, torch.Tensor))
+
+
+class SlotStore:
+    def __init__(self, budget_bytes: Optional[int] = None, on_full: str = "evict"):
+        if on_full not in ("evict", "raise"):
+            raise ValueError(f"on_full must be 'evict' or 'raise', got {on_full!r}")
+        self.budget_bytes = budget_bytes
+        self.on_full = on_full
+        self._slots: "collections.OrderedDict[Hashable, Slot]" = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._slots
+
+    def keys(self) -> list:
+        return list(self._slots)
+
+    def get(self, key: Hashable) -> Optional[Slot]:
+        slot = self._slots.get(key)
+        if slot is not None:
+            self._slots.move_to_end(key)
+        return slot
+
+    def nbytes(self) -> int:
+        return sum(s.nbytes() for s in self._slots.values())
+
+    def put(self, key: Hashable, slot: Slot) -> None:
+        self._slots.pop(key, None)
+        if self.budget_bytes is not None:
+            need = slot.nbytes()
+            if need > self.budget_bytes:
+                raise CacheBudgetError(f"one slot needs {need} bytes, more than the budget of {self.budget_bytes}")
+            while self._slots and self.nbytes() + need > self.budget_bytes:
+                if self.on_full == "raise":
+                    raise CacheBudgetError(f"recording slot {key!r} ({need} bytes) would exceed the cache budget "
+                                           f"of {self.budget_bytes} bytes ({len(self)} slots, {self.nbytes()} "
+                                           "bytes held); raise the budget, clear() the engine or use on_full='evict'")
+                self._slots.popitem(last=False)
+        self._slots[key] = slot
+
+    def clear(self) -> None:
+        self._slots.clear()
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [{"slot": k, "bytes": s.nbytes()} for k, s in self._slots.items()]

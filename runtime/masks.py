@@ -1,0 +1,251 @@
+"""Mask expressions: how each value's active region is derived from the input edit mask.
+
+The analysis (passes/propagate_masks.py) gives every value that depends on a spatial input a
+``MaskExpr``: a small hashable expression over the input mask. At run time ``evaluate_masks``
+evaluates every expression the plan needs once, on H x W boolean maps (cheap: no channels), and
+``active_blocks`` reduces a map to the indices of the active blocks of a grid.
+
+Structural equality of expressions is what lets codegen pass gathered blocks from producer to
+consumer without materializing a full tensor, so constructors normalize (``union``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable, Mapping, Union
+
+import torch
+import torch.nn.functional as F
+
+Resolution = tuple[int, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class InputMask:
+    """The edit mask of the spatial inputs, at their resolution."""
+
+    res: Resolution
+
+
+@dataclasses.dataclass(frozen=True)
+class Resampled:
+    """``sige`` policy: input mask bilinearly resampled to ``res``, thresholded, then dilated."""
+
+    src: "MaskExpr"
+    res: Resolution
+    threshold: float
+    dilation: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """Receptive-field growth: an output pixel is active if any pixel of its input window is.
+
+    Same geometry as a convolution (``max_pool2d`` over the mask).
+    """
+
+    src: "MaskExpr"
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    res: Resolution
+
+    def covers_source(self) -> bool:
+        """True when every active source pixel stays active (stride 1, window contains the centre)."""
+        for k, s, p, d in zip(self.kernel, self.stride, self.padding, self.dilation):
+            if s != 1 or p < 0 or p % d or p // d >= k:
+                return False
+        return self.res == self.src.res
+
+
+@dataclasses.dataclass(frozen=True)
+class Upsample:
+    """Nearest up-sampling of a mask by an integer factor per dimension."""
+
+    src: "MaskExpr"
+    factor: tuple[int, int]
+    res: Resolution
+
+
+@dataclasses.dataclass(frozen=True)
+class Pad:
+    """Spatial padding: new border pixels follow ``mode`` (constant pads are inactive)."""
+
+    src: "MaskExpr"
+    pads: tuple[int, int, int, int]  # left, right, top, bottom (F.pad order)
+    mode: str
+    res: Resolution
+
+
+@dataclasses.dataclass(frozen=True)
+class Resize:
+    """Conservative change of resolution (max-pool down, nearest up) for values of unknown geometry."""
+
+    src: "MaskExpr"
+    res: Resolution
+
+
+@dataclasses.dataclass(frozen=True)
+class Union_:
+    """Union of masks of one resolution. Build with ``union`` so equal unions compare equal."""
+
+    srcs: frozenset
+    res: Resolution
+
+
+MaskExpr = Union[InputMask, Resampled, Window, Upsample, Pad, Resize, Union_]
+
+
+def contains(big: MaskExpr, small: MaskExpr) -> bool:
+    """Sound (not complete) test that ``small``'s active set is inside ``big``'s, for every input."""
+    if big == small:
+        return True
+    if isinstance(small, Union_):
+        return all(contains(big, s) for s in small.srcs)
+    if isinstance(big, Union_):
+        return any(contains(b, small) for b in big.srcs)
+    if isinstance(big, Window) and big.covers_source():
+        return contains(big.src, small)
+    return False
+
+
+def union(masks: Iterable[MaskExpr]) -> MaskExpr:
+    """Union with members contained in others dropped, so pass-through chains keep one mask."""
+    flat: list[MaskExpr] = []
+    for m in masks:
+        flat.extend(m.srcs if isinstance(m, Union_) else (m,))
+    unique = list(dict.fromkeys(flat))
+    if not unique:
+        raise ValueError("union of no masks")
+    res = unique[0].res
+    if any(m.res != res for m in unique):
+        raise ValueError(f"union of masks at different resolutions: {[m.res for m in unique]}")
+    kept = [m for i, m in enumerate(unique)
+            if not any(j != i and contains(o, m) and not (contains(m, o) and j > i)
+                       for j, o in enumerate(unique))]
+    return kept[0] if len(kept) == 1 else Union_(frozenset(kept), res)
+
+
+def resize(src: MaskExpr, res: Resolution) -> MaskExpr:
+    return src if src.res == res else Resize(src, res)
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation
+
+
+def _as_float(mask: torch.Tensor) -> torch.Tensor:
+    return mask.to(torch.float32)[None, None]
+
+
+def _evaluate(expr: MaskExpr, memo: dict, base: torch.Tensor) -> torch.Tensor:
+    if expr in memo:
+        return memo[expr]
+    if isinstance(expr, InputMask):
+        out = base
+    elif isinstance(expr, Resampled):
+        src = _as_float(_evaluate(expr.src, memo, base))
+        if src.shape[-2:] != expr.res:
+            antialias = expr.res[0] < src.shape[-2] or expr.res[1] < src.shape[-1]
+            src = F.interpolate(src, size=expr.res, mode="bilinear", align_corners=False,
+                                antialias=antialias)
+        out = src > expr.threshold
+        if expr.dilation:
+            k = 2 * expr.dilation + 1
+            out = F.max_pool2d(out.float(), k, 1, expr.dilation) > 0
+        out = out[0, 0]
+    elif isinstance(expr, Window):
+        src = _as_float(_evaluate(expr.src, memo, base))
+        # max_pool2d caps padding at half the kernel; pad explicitly with inactive pixels instead.
+        ph, pw = expr.padding
+        src = F.pad(src, (max(pw, 0), max(pw, 0), max(ph, 0), max(ph, 0)))
+        if ph < 0 or pw < 0:
+            src = src[..., max(-ph, 0):src.shape[-2] - max(-ph, 0), max(-pw, 0):src.shape[-1] - max(-pw, 0)]
+        out = F.max_pool2d(src, expr.kernel, expr.stride, 0, expr.dilation)[0, 0] > 0
+        out = _fit(out, expr.res)
+    elif isinstance(expr, Upsample):
+        src = _evaluate(expr.src, memo, base)
+        out = src.repeat_interleave(expr.factor[0], 0).repeat_interleave(expr.factor[1], 1)
+        out = _fit(out, expr.res)
+    elif isinstance(expr, Pad):
+        src = _as_float(_evaluate(expr.src, memo, base))
+        mode = "constant" if expr.mode == "constant" else expr.mode
+        out = F.pad(src, expr.pads, mode=mode)[0, 0] > 0
+    elif isinstance(expr, Resize):
+        src = _as_float(_evaluate(expr.src, memo, base))
+        h, w = expr.res
+        if h <= src.shape[-2] and w <= src.shape[-1]:
+            out = F.adaptive_max_pool2d(src, expr.res)[0, 0] > 0
+        else:
+            out = F.interpolate(src, size=expr.res, mode="nearest")[0, 0] > 0
+    elif isinstance(expr, Union_):
+        parts = [_evaluate(s, memo, base) for s in sorted(expr.srcs, key=repr)]
+        out = parts[0]
+        for p in parts[1:]:
+            out = out | p
+    else:  # pragma: no cover - the dataclasses above are the whole language
+        raise TypeError(f"unknown mask expression {expr!r}")
+    memo[expr] = out
+    return out
+
+
+def _fit(mask: torch.Tensor, res: Resolution) -> torch.Tensor:
+    """Crop or pad (inactive) to ``res``: pooling formulas can leave a ragged edge."""
+    h, w = res
+    mask = mask[:h, :w]
+    if mask.shape != (h, w):
+        mask = F.pad(mask, (0, w - mask.shape[1], 0, h - mask.shape[0]))
+    return mask
+
+
+def evaluate_masks(exprs: Iterable[MaskExpr], input_mask: torch.Tensor) -> dict:
+    """Evaluate every expression on the H x W boolean ``input_mask``; returns ``{expr: mask}``."""
+    memo: dict = {}
+    for e in exprs:
+        _evaluate(e, memo, input_mask)
+    return memo
+
+
+def grid_shape(res: Resolution, block: tuple[int, int]) -> tuple[int, int]:
+    return (-(-res[0] // block[0]), -(-res[1] // block[1]))
+
+
+def active_blocks(mask: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """Indices ``(nb, 2)`` (row, col) of the blocks of ``block`` that hold an active pixel."""
+    h, w = mask.shape
+    gh, gw = grid_shape((h, w), block)
+    padded = F.pad(mask, (0, gw * block[1] - w, 0, gh * block[0] - h))
+    per_block = padded.view(gh, block[0], gw, block[1]).any(dim=3).any(dim=1)
+    return per_block.nonzero().to(torch.int64)
+
+
+def blocks_to_pixels(indices: torch.Tensor, block: tuple[int, int], res: Resolution) -> torch.Tensor:
+    """Pixel map (H x W bool) covered by the given blocks, clipped to the resolution."""
+    gh, gw = grid_shape(res, block)
+    grid = torch.zeros(gh, gw, dtype=torch.bool, device=indices.device)
+    if indices.numel():
+        grid[indices[:, 0], indices[:, 1]] = True
+    pixels = grid.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
+    return pixels[: res[0], : res[1]]
+
+
+def describe(expr: MaskExpr) -> str:
+    """Short human-readable form for reports and dumps."""
+    if isinstance(expr, InputMask):
+        return "input"
+    if isinstance(expr, Resampled):
+        return f"sige@{expr.res[0]}x{expr.res[1]}"
+    if isinstance(expr, Window):
+        return f"rf({describe(expr.src)},k={expr.kernel[0]},s={expr.stride[0]})"
+    if isinstance(expr, Upsample):
+        return f"up{expr.factor[0]}({describe(expr.src)})"
+    if isinstance(expr, Pad):
+        return f"pad({describe(expr.src)})"
+    if isinstance(expr, Resize):
+        return f"resize({describe(expr.src)})@{expr.res[0]}x{expr.res[1]}"
+    return "|".join(sorted(describe(s) for s in expr.srcs))
+
+
+def pixel_fraction(masks: Mapping, expr: MaskExpr) -> float:
+    m = masks[expr]
+    return float(m.float().mean()) if m.numel() else 0.0

@@ -1,0 +1,234 @@
+"""Sparse runtime operators, as ``torch.library`` custom ops (namespace ``sigec``).
+
+Each op has a pure-PyTorch implementation (this file: the reference kernels, also the fallback
+when no native kernel is built) and a fake implementation, so graphs that call them survive
+``torch.export``, aot_autograd and inductor.
+
+Layout conventions shared by every op:
+
+* A *full* tensor is ``(N, C, H, W)``.
+* *Blocks* are ``(nb * N, C, bh, bw)``, block-major: rows ``b * N .. b * N + N - 1`` hold block
+  ``b`` of every sample. ``indices`` is ``(nb, 2)`` int64 ``(row, col)`` of the active blocks on
+  the output grid.
+* A *window* is the input region an output block reads: block ``(r, c)`` reads rows
+  ``r * stride[0] + offset[0] .. + window[0]`` (likewise columns). Pixels outside the tensor take
+  ``pad_mode`` (``constant`` with ``pad_value``, ``replicate`` or ``reflect``).
+* Blocks may run past the bottom/right edge when the block size does not divide the resolution;
+  those pixels are computed but never scattered.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+ACTIVATIONS = ("none", "silu", "relu", "leaky_relu", "gelu", "gelu_tanh", "sigmoid", "tanh")
+PAD_MODES = ("constant", "replicate", "reflect")
+
+
+def apply_activation(x: Tensor, activation: str, slope: float) -> Tensor:
+    if activation == "none":
+        return x
+    if activation == "silu":
+        return F.silu(x)
+    if activation == "relu":
+        return F.relu(x)
+    if activation == "leaky_relu":
+        return F.leaky_relu(x, slope)
+    if activation == "gelu":
+        return F.gelu(x)
+    if activation == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    if activation == "sigmoid":
+        return torch.sigmoid(x)
+    if activation == "tanh":
+        return torch.tanh(x)
+    raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+
+
+def _per_block(t: Tensor, rows: int) -> Tensor:
+    """Broadcast an ``(N, C)`` per-sample tensor over block-major ``rows`` (= nb * N)."""
+    n = t.shape[0]
+    return t.repeat(rows // n, 1) if rows != n and n > 1 else t
+
+
+def _window_coords(indices: Tensor, size: int, stride: int, offset: int, column: int) -> Tensor:
+    start = indices[:, column] * stride + offset
+    return start[:, None] + torch.arange(size, device=indices.device)
+
+
+def _resolve(coords: Tensor, limit: int, mode: str) -> tuple[Tensor, Tensor]:
+    """In-range source coordinates for ``coords`` and which of them were inside the tensor."""
+    inside = (coords >= 0) & (coords < limit)
+    if mode == "reflect":
+        period = 2 * (limit - 1) if limit > 1 else 1
+        c = torch.remainder(coords, period)
+        c = torch.where(c >= limit, period - c, c)
+        return c.clamp(0, limit - 1), inside
+    return coords.clamp(0, limit - 1), inside
+
+
+# ---------------------------------------------------------------------------------------------
+# gather
+
+
+@torch.library.custom_op("sigec::gather", mutates_args=())
+def gather(x: Tensor, indices: Tensor, window: list[int], stride: list[int], offset: list[int],
+           pad_mode: str, pad_value: float, scale: Optional[Tensor], shift: Optional[Tensor],
+           activation: str, slope: float) -> Tensor:
+    """Windows of ``x`` at the active blocks, optionally through ``act(x * scale + shift)``.
+
+    ``scale``/``shift`` are ``(N, C)``. The affine and activation apply to pixels inside the tensor
+    only; padding pixels are ``pad_value`` (constant mode), as if the padding were applied to the
+    activated tensor, which is what a convolution after a normalization expects.
+    """
+    n, c, h, w = x.shape
+    rows, inside_r = _resolve(_window_coords(indices, window[0], stride[0], offset[0], 0), h, pad_mode)
+    cols, inside_c = _resolve(_window_coords(indices, window[1], stride[1], offset[1], 1), w, pad_mode)
+    out = x[:, :, rows[:, :, None], cols[:, None, :]]  # (N, C, nb, wh, ww)
+    out = out.permute(2, 0, 1, 3, 4).reshape(-1, c, window[0], window[1])
+    if scale is not None:
+        rows_total = out.shape[0]
+        out = out * _per_block(scale, rows_total)[:, :, None, None] + _per_block(shift, rows_total)[:, :, None, None]
+    out = apply_activation(out, activation, slope)
+    if pad_mode == "constant":
+        inside = inside_r[:, :, None] & inside_c[:, None, :]  # (nb, wh, ww)
+        if not bool(inside.all()):
+            inside = inside.repeat_interleave(n, 0)[:, None]
+            out = torch.where(inside, out, torch.full((), pad_value, dtype=out.dtype, device=out.device))
+    return out.to(x.dtype).contiguous()
+
+
+@gather.register_fake
+def _(x, indices, window, stride, offset, pad_mode, pad_value, scale, shift, activation, slope):
+    nb = indices.shape[0]
+    return x.new_empty((nb * x.shape[0], x.shape[1], window[0], window[1]))
+
+
+# ---------------------------------------------------------------------------------------------
+# scatter
+
+
+def _scatter_into(out: Tensor, blocks: Tensor, indices: Tensor, block: list[int]) -> Tensor:
+    n, c, h, w = out.shape
+    nb = indices.shape[0]
+    if nb == 0:
+        return out
+    rows = _window_coords(indices, block[0], block[0], 0, 0)
+    cols = _window_coords(indices, block[1], block[1], 0, 1)
+    vals = blocks.reshape(nb, n, c, block[0], block[1]).permute(1, 2, 0, 3, 4)
+    if rows.max() < h and cols.max() < w:
+        out[:, :, rows[:, :, None], cols[:, None, :]] = vals.to(out.dtype)
+        return out
+    inside = (rows[:, :, None] < h) & (cols[:, None, :] < w)  # (nb, bh, bw)
+    flat = (rows[:, :, None] * w + cols[:, None, :])[inside]
+    out.view(n, c, h * w)[:, :, flat] = vals[:, :, inside].to(out.dtype)
+    return out
+
+
+@torch.library.custom_op("sigec::scatter", mutates_args=())
+def scatter(blocks: Tensor, base: Tensor, indices: Tensor, block: list[int]) -> Tensor:
+    """``base`` with the active blocks replaced by ``blocks`` (a new tensor; ``base`` is untouched)."""
+    return _scatter_into(base.clone(), blocks, indices, block)
+
+
+@scatter.register_fake
+def _(blocks, base, indices, block):
+    return torch.empty_like(base)
+
+
+@torch.library.custom_op("sigec::scatter_gather", mutates_args=())
+def scatter_gather(blocks: Tensor, base: Tensor, indices: Tensor, block: list[int],
+                   gather_indices: Tensor, window: list[int], stride: list[int], offset: list[int],
+                   pad_mode: str, pad_value: float) -> tuple[Tensor, Tensor]:
+    """``scatter`` followed by a ``gather`` of the result: returns ``(full, windows)``."""
+    full = _scatter_into(base.clone(), blocks, indices, block)
+    windows = gather(full, gather_indices, window, stride, offset, pad_mode, pad_value,
+                     None, None, "none", 0.0)
+    return full, windows
+
+
+@scatter_gather.register_fake
+def _(blocks, base, indices, block, gather_indices, window, stride, offset, pad_mode, pad_value):
+    nb = gather_indices.shape[0]
+    return (torch.empty_like(base),
+            base.new_empty((nb * base.shape[0], base.shape[1], window[0], window[1])))
+
+
+# ---------------------------------------------------------------------------------------------
+# block-local helpers
+
+
+@torch.library.custom_op("sigec::residual_add", mutates_args=())
+def residual_add(blocks: Tensor, residual: Tensor, indices: Tensor, block: list[int]) -> Tensor:
+    """``blocks`` plus the matching blocks of the full tensor ``residual``."""
+    windows = gather(residual, indices, block, block, [0, 0], "constant", 0.0, None, None, "none", 0.0)
+    return blocks + windows
+
+
+@residual_add.register_fake
+def _(blocks, residual, indices, block):
+    return torch.empty_like(blocks)
+
+
+@torch.library.custom_op("sigec::affine_act", mutates_args=())
+def affine_act(x: Tensor, scale: Tensor, shift: Tensor, activation: str, slope: float) -> Tensor:
+    """``act(x * scale + shift)`` with per-sample ``(N, C)`` parameters; ``x`` full or blocks."""
+    rows = x.shape[0]
+    y = x * _per_block(scale, rows)[:, :, None, None] + _per_block(shift, rows)[:, :, None, None]
+    return apply_activation(y, activation, slope).to(x.dtype)
+
+
+@affine_act.register_fake
+def _(x, scale, shift, activation, slope):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("sigec::tile_blocks", mutates_args=())
+def tile_blocks(t: Tensor, blocks: Tensor) -> Tensor:
+    """Repeat a per-sample operand ``(N, ...)`` to match block-major ``blocks`` (nb * N rows)."""
+    return t.repeat(blocks.shape[0] // t.shape[0], *([1] * (t.dim() - 1)))
+
+
+@tile_blocks.register_fake
+def _(t, blocks):
+    return t.new_empty((blocks.shape[0], *t.shape[1:]))
+
+
+@torch.library.custom_op("sigec::norm_affine", mutates_args=())
+def norm_affine(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
+                eps: float) -> tuple[Tensor, Tensor]:
+    """Frozen group-norm statistics as a per-sample affine: ``norm(x) == x * scale + shift``.
+
+    Returns ``(scale, shift)``, each ``(N, C)`` in float32. Instance norm is ``num_groups == C``.
+    """
+    n, c = x.shape[:2]
+    var, mean = torch.var_mean(x.float().reshape(n, num_groups, -1), dim=2, unbiased=False)
+    rstd = torch.rsqrt(var + eps)
+    per_channel = c // num_groups
+    rstd = rstd.repeat_interleave(per_channel, 1)
+    mean = mean.repeat_interleave(per_channel, 1)
+    w = weight.float()[None] if weight is not None else torch.ones_like(rstd)
+    b = bias.float()[None] if bias is not None else torch.zeros_like(rstd)
+    scale = rstd * w
+    return scale, b - mean * scale
+
+
+@norm_affine.register_fake
+def _(x, num_groups, weight, bias, eps):
+    shape = (x.shape[0], x.shape[1])
+    return x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.float32)
+
+
+#: Every op of the namespace, for opcheck and completeness tests.
+ALL_OPS = {
+    "gather": torch.ops.sigec.gather.default,
+    "scatter": torch.ops.sigec.scatter.default,
+    "scatter_gather": torch.ops.sigec.scatter_gather.default,
+    "residual_add": torch.ops.sigec.residual_add.default,
+    "affine_act": torch.ops.sigec.affine_act.default,
+    "tile_blocks": torch.ops.sigec.tile_blocks.default,
+    "norm_affine": torch.ops.sigec.norm_affine.default,
+}

@@ -1,0 +1,44 @@
+"""``sigec.compile``: capture, analyse, generate code, wrap in an ``Engine``."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from sigec.capture import capture
+from sigec.codegen import emit_incremental, emit_recording
+from sigec.engine import Engine
+from sigec.passes import ANALYSIS_PASSES, INCREMENTAL_PASSES, PassContext, run_passes
+from sigec.runtime.cache import SlotStore
+from sigec.settings import BlockSize, CompileSettings
+
+
+def compile(model: torch.nn.Module, example_args, example_kwargs: Optional[dict] = None, *,
+            policy: str = "sige", eps: float = 1e-6, dilation: int = 1, threshold: float = 0.0,
+            block_size: BlockSize = None, expected_active_fraction: float = 0.15,
+            spatial_inputs=None, cache_budget_bytes: Optional[int] = None,
+            on_cache_full: str = "evict") -> Engine:
+    """Compile ``model`` into an incremental ``Engine``.
+
+    Args:
+        model: any ``nn.Module`` that ``torch.export`` can capture (put it in eval mode).
+        example_args: positional example inputs (a tensor or a tuple).
+        example_kwargs: keyword example inputs.
+        policy, eps, dilation, threshold, block_size, expected_active_fraction, spatial_inputs:
+            see ``sigec.settings.CompileSettings``.
+        cache_budget_bytes: memory budget of the recorded slots (``None``: unbounded).
+        on_cache_full: ``"evict"`` the least recently used slot, or ``"raise"``.
+    """
+    settings = CompileSettings(policy=policy, eps=eps, dilation=dilation, threshold=threshold,
+                               block_size=block_size, expected_active_fraction=expected_active_fraction,
+                               spatial_inputs=tuple(spatial_inputs) if spatial_inputs is not None else None)
+    captured = capture(model, example_args if isinstance(example_args, tuple) else (example_args,),
+                       example_kwargs)
+    ctx = PassContext(settings)
+    gm = run_passes(captured.gm, ctx, ANALYSIS_PASSES)
+    incremental, signature = emit_incremental(gm, ctx.batch)
+    incremental = run_passes(incremental, ctx, INCREMENTAL_PASSES)
+    recording = emit_recording(gm, signature)
+    store = SlotStore(cache_budget_bytes, on_cache_full)
+    return Engine(gm, ctx, recording, incremental, signature, captured.in_spec, captured.out_spec,
+                  captured.input_names, store)

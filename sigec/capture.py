@@ -1,0 +1,86 @@
+"""Capture a model as a flat ATen GraphModule with ``torch.export`` (non-strict).
+
+High-level ATen ops are kept (no ``run_decompositions``). The pytree calling convention of
+``ExportedProgram.module()`` is replaced by a flat one; the engine flattens user arguments with
+the recorded ``in_spec`` and rebuilds outputs with ``out_spec``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import traceback
+from typing import Any, Optional
+
+import torch
+from torch.fx import GraphModule
+from torch.utils import _pytree as pytree
+
+
+class CaptureError(RuntimeError):
+    """The model could not be captured; the message names the construct and a fix."""
+
+
+@dataclasses.dataclass
+class Captured:
+    gm: GraphModule
+    in_spec: Any
+    out_spec: Any
+    input_names: list[str]
+
+
+_HINTS = (
+    ("data-dependent", "a Python branch or size depends on tensor values: use torch.where / torch.cond, "
+                       "or compute the value outside the model and pass it in"),
+    ("GuardOnDataDependent", "a Python branch depends on tensor values: use torch.where or torch.cond"),
+    ("item()", "a tensor is converted to a Python number (.item()/.tolist()): keep it a tensor"),
+    ("not supported", "an operation is unsupported by torch.export: see the construct named above"),
+    ("pytree", "an input or output type is not a pytree: return tensors, tuples, lists, dicts or dataclasses "
+               "registered with torch.utils._pytree"),
+)
+
+
+def _user_frame(exc: BaseException) -> Optional[str]:
+    """The innermost traceback frame outside torch and sigec: the line that could not be traced."""
+    torch_dir = os.path.dirname(torch.__file__)
+    here = os.path.dirname(os.path.dirname(__file__))
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not f.filename.startswith(torch_dir) and not f.filename.startswith(here)]
+    if not frames:
+        return None
+    f = frames[-1]
+    return f"{f.filename}:{f.lineno} in {f.name}: {f.line}"
+
+
+def capture(model: torch.nn.Module, args: tuple, kwargs: Optional[dict] = None) -> Captured:
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"sigec.compile expects a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(args, tuple):
+        args = (args,)
+    kwargs = dict(kwargs or {})
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(model, args, kwargs, strict=False)
+    except Exception as exc:  # export raises many types; all get the same treatment
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        where = _user_frame(exc)
+        hint = next((h for key, h in _HINTS if key in str(exc) or key in type(exc).__name__),
+                    "simplify the construct named above, or run torch.export.export(model, args, "
+                    "strict=False) directly to see the full report")
+        msg = f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: {first}"
+        if where:
+            msg += f"\n  failing construct: {where}"
+        msg += f"\n  fix: {hint}"
+        raise CaptureError(msg) from exc
+    gm = ep.module()
+    for node in list(gm.graph.nodes):  # input guards are re-checked by the engine itself
+        if node.op == "call_module" and not node.users:
+            gm.graph.erase_node(node)
+    gm.graph._codegen = torch.fx.graph.CodeGen()
+    gm.graph.lint()
+    gm.recompile()
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    flat, _ = pytree.tree_flatten((args, kwargs))
+    if len(flat) != len(names):
+        raise CaptureError(f"the exported program has {len(names)} inputs but the example has {len(flat)} "
+                           "leaves; non-tensor example inputs must be constants of the model")
+    return Captured(gm, ep.call_spec.in_spec, ep.call_spec.out_spec, names)

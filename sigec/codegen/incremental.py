@@ -1,0 +1,316 @@
+"""Emit the incremental GraphModule.
+
+Its inputs are ``(*flat user inputs, *cached tensors, *block indices, *pixel masks)`` and its
+outputs ``(*flat model outputs, *updated cached values)``; ``IncrementalSignature`` names each
+position. Each value of the analysed graph is represented in one of three forms:
+
+* ``full``   - a full tensor, correct everywhere (recorded values outside the active region);
+* ``blocks`` - only the active blocks of a (mask, grid), stacked along the batch dimension;
+* ``plain``  - a value that does not depend on the edit, or a fallback's dense value.
+
+Conversions are memoized, so a value is scattered at most once and gathered at most once per
+(mask, grid): ``full_of`` scatters blocks into the recorded tensor, ``blocks_of`` gathers.
+Sparse ops consume blocks; dense ops and fallbacks consume full tensors; a fallback region's
+image outputs are taken inside their mask (``where(mask, new, recorded)``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Optional
+
+import torch
+from torch.fx import Graph, GraphModule, Node
+from torch.fx.node import map_arg
+
+from sigec import meta_keys as K
+from sigec.passes.op_table import OpKind, norm_args
+from sigec.plan import DecisionKind, SpatialKind
+from sigec.runtime import masks as M
+
+aten = torch.ops.aten
+sigec_ops = torch.ops.sigec
+
+#: cache entry kinds: a recorded value, or the frozen affine of a NORM node.
+VALUE, NORM_SCALE, NORM_SHIFT = "value", "norm_scale", "norm_shift"
+
+
+@dataclasses.dataclass
+class IncrementalSignature:
+    """Positions of the incremental graph's inputs and outputs.
+
+    Attributes:
+        num_user_inputs: flat user inputs first.
+        caches: ``(node name, kind)`` of each cached tensor input, in order.
+        blocks: ``(mask, block)`` of each block-index input, in order.
+        pixel_masks: mask expressions passed as ``(1, 1, H, W)`` boolean inputs, in order.
+        num_outputs: flat model outputs first in the results.
+        updated: ``(node name)`` of each updated cached value returned after the outputs.
+    """
+
+    num_user_inputs: int
+    caches: list = dataclasses.field(default_factory=list)
+    blocks: list = dataclasses.field(default_factory=list)
+    pixel_masks: list = dataclasses.field(default_factory=list)
+    num_outputs: int = 0
+    updated: list = dataclasses.field(default_factory=list)
+
+    def mask_exprs(self) -> list:
+        return list(dict.fromkeys([m for m, _ in self.blocks] + list(self.pixel_masks)))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rep:
+    node: Node
+    form: str  # "full" | "blocks" | "plain"
+    mask: Optional[M.MaskExpr] = None
+    block: Optional[tuple[int, int]] = None
+
+
+def _is_image(node) -> bool:
+    return isinstance(node, Node) and node.meta[K.SPATIAL].kind is SpatialKind.IMAGE
+
+
+class _Emitter:
+    def __init__(self, gm: GraphModule, batch: int):
+        self.src = gm
+        self.batch = batch
+        self.g = Graph()
+        self.reps: dict[Node, _Rep] = {}
+        self.sig = IncrementalSignature(0)
+        self._cache_ph: dict = {}
+        self._block_ph: dict = {}
+        self._mask_ph: dict = {}
+        self._full: dict = {}
+        self._blocks: dict = {}
+        self._last_ph: Optional[Node] = None
+
+    # -- inputs -----------------------------------------------------------------------------
+    def _placeholder(self, name: str, like: Optional[Node] = None) -> Node:
+        with self.g.inserting_after(self._last_ph) if self._last_ph is not None else _nullcontext():
+            ph = self.g.placeholder(name)
+        if like is not None and "val" in like.meta:
+            ph.meta["val"] = like.meta["val"]
+        self._last_ph = ph
+        return ph
+
+    def cache(self, node: Node, kind: str = VALUE) -> Node:
+        key = (node.name, kind)
+        if key not in self._cache_ph:
+            self.sig.caches.append(key)
+            prefix = {VALUE: "cache", NORM_SCALE: "scale", NORM_SHIFT: "shift"}[kind]
+            self._cache_ph[key] = self._placeholder(f"{prefix}_{node.name}", node if kind == VALUE else None)
+        return self._cache_ph[key]
+
+    def indices(self, mask: M.MaskExpr, block) -> Node:
+        key = (mask, tuple(block))
+        if key not in self._block_ph:
+            self.sig.blocks.append(key)
+            self._block_ph[key] = self._placeholder(f"blocks_{len(self.sig.blocks) - 1}")
+        return self._block_ph[key]
+
+    def pixel_mask(self, mask: M.MaskExpr) -> Node:
+        if mask not in self._mask_ph:
+            self.sig.pixel_masks.append(mask)
+            self._mask_ph[mask] = self._placeholder(f"mask_{len(self.sig.pixel_masks) - 1}")
+        return self._mask_ph[mask]
+
+    # -- conversions ------------------------------------------------------------------------
+    def call(self, target, args, kwargs=None, origin: Optional[Node] = None) -> Node:
+        node = self.g.call_function(target, tuple(args), kwargs or {})
+        if origin is not None:
+            node.meta[K.ORIGIN] = origin.name
+        return node
+
+    def new(self, a):
+        """Map an old-graph argument to its plain new-graph value (full for images)."""
+        return map_arg(a, lambda n: self.full_of(n) if n in self.reps else n)
+
+    def full_of(self, node: Node) -> Node:
+        rep = self.reps[node]
+        if rep.form != "blocks":
+            return rep.node
+        if node not in self._full:
+            self._full[node] = self.call(
+                sigec_ops.scatter.default,
+                (rep.node, self.cache(node), self.indices(rep.mask, rep.block), list(rep.block)), origin=node)
+        return self._full[node]
+
+    def gather(self, full: Node, mask, block, spec=None, prologue=(None, None, "none", 0.0), origin=None) -> Node:
+        block = tuple(block)
+        window, stride, offset = (spec.window, spec.stride, spec.offset) if spec else (block, block, (0, 0))
+        pad_mode, pad_value = (spec.pad_mode, spec.pad_value) if spec else ("constant", 0.0)
+        scale, shift, act, slope = prologue
+        return self.call(sigec_ops.gather.default,
+                         (full, self.indices(mask, block), list(window), list(stride), list(offset),
+                          pad_mode, float(pad_value), scale, shift, act, float(slope)), origin=origin)
+
+    def blocks_of(self, node: Node, mask, block) -> Node:
+        rep = self.reps[node]
+        if rep.form == "blocks" and rep.mask == mask and rep.block == tuple(block):
+            return rep.node
+        key = (node, mask, tuple(block))
+        if key not in self._blocks:
+            self._blocks[key] = self.gather(self.full_of(node), mask, block, origin=node)
+        return self._blocks[key]
+
+    def norm_params(self, norm: Node) -> tuple[Node, Node]:
+        return self.cache(norm, NORM_SCALE), self.cache(norm, NORM_SHIFT)
+
+    # -- node emission ----------------------------------------------------------------------
+    def emit(self, node: Node) -> None:
+        if node.op == "placeholder":
+            ph = self._placeholder(node.name, node)
+            self.sig.num_user_inputs += 1
+            self.reps[node] = _Rep(ph, "full" if _is_image(node) else "plain")
+            return
+        if node.op == "get_attr":
+            new = self.g.get_attr(node.target)
+            new.meta.update(node.meta)
+            self.reps[node] = _Rep(new, "plain")
+            return
+        if node.op == "output":
+            self._emit_output(node)
+            return
+        if node.op != "call_function":
+            return  # call_module guards were stripped at capture; anything else has no users
+        rule = node.meta.get(K.RULE)
+        if rule is not None and rule.kind is OpKind.IGNORED:
+            return
+        decision = node.meta[K.DECISION].kind
+        if decision is DecisionKind.STATIC:
+            new = self.call(node.target, self.new(node.args), self.new(node.kwargs), node)
+            new.meta["val"] = node.meta.get("val")
+            self.reps[node] = _Rep(new, "plain")
+        elif decision is DecisionKind.FALLBACK:
+            self._emit_fallback(node)
+        elif decision is DecisionKind.DENSE:
+            self._emit_dense(node, rule)
+        else:
+            self._emit_sparse(node, rule)
+
+    def _emit_fallback(self, node: Node) -> None:
+        new = self.call(node.target, self.new(node.args), self.new(node.kwargs), node)
+        if needs_select(node):
+            mask = self.pixel_mask(node.meta[K.MASK])
+            new = self.call(aten.where.self, (mask, new, self.cache(node)), origin=node)
+        self.reps[node] = _Rep(new, "full" if _is_image(node) else "plain")
+
+    def _emit_dense(self, node: Node, rule) -> None:
+        if rule.kind is OpKind.NORM:
+            scale, shift = self.norm_params(node)
+            new = self.call(sigec_ops.affine_act.default,
+                            (self.full_of(norm_args(node)[0]), scale, shift, "none", 0.0), origin=node)
+        elif rule.kind is OpKind.PROJECTION:
+            new = self.call(operator.getitem, (self.reps[node.args[0]].node, node.args[1]), origin=node)
+        else:
+            new = self.call(node.target, self.new(node.args), self.new(node.kwargs), node)
+        self.reps[node] = _Rep(new, "full")
+
+    def _emit_sparse(self, node: Node, rule) -> None:
+        mask, block = node.meta[K.MASK], node.meta[K.GRID]
+        if rule.kind is OpKind.PROJECTION:
+            src = self.reps[node.args[0]]
+            new = self.call(operator.getitem, (src.node, node.args[1]), origin=node)
+            self.reps[node] = dataclasses.replace(src, node=new)
+            return
+        if rule.kind is OpKind.LOCAL:
+            new = self._emit_local(node, rule, mask, block)
+        elif rule.kind is OpKind.NORM:
+            scale, shift = self.norm_params(node)
+            x = self.blocks_of(norm_args(node)[0], mask, block)
+            new = self.call(sigec_ops.affine_act.default, (x, scale, shift, "none", 0.0), origin=node)
+        else:
+            new = self._emit_blockwise(node, mask, block)
+        self.reps[node] = _Rep(new, "blocks", mask, tuple(block))
+
+    def _emit_local(self, node: Node, rule, mask, block) -> Node:
+        spec = node.meta[K.WINDOW]
+        pro = node.meta.get(K.PROLOGUE)
+        if pro is not None:
+            scale, shift = self.norm_params(pro.norm) if pro.norm is not None else (None, None)
+            windows = self.gather(self.full_of(pro.source), mask, block, spec,
+                                  (scale, shift, pro.activation, pro.slope), origin=node)
+        else:
+            windows = self.gather(self.full_of(node.args[0]), mask, block, spec, origin=node)
+        target, args, kwargs = rule.local.block_call(node, windows, spec)
+        out = windows
+        if target is not None:
+            args = map_arg(args, lambda a: a if a is windows else self.new(a))
+            out = self.call(target, args, self.new(kwargs), node)
+        if spec.crop != (0, 0):
+            (ct, cl), (bh, bw) = spec.crop, spec.block
+            out = self.call(aten.slice.Tensor, (out, 2, ct, ct + bh), origin=node)
+            out = self.call(aten.slice.Tensor, (out, 3, cl, cl + bw), origin=node)
+        return out
+
+    def _emit_blockwise(self, node: Node, mask, block) -> Node:
+        res = node.meta[K.SPATIAL].resolution
+        images = [a for a in node.all_input_nodes if _is_image(a)]
+        ref = self.blocks_of(images[0], mask, block)
+
+        def convert(a: Node) -> Node:
+            if _is_image(a):
+                return self.blocks_of(a, mask, block)
+            rep = self.reps[a]
+            v = a.meta.get("val")
+            if isinstance(v, torch.Tensor) and v.dim() == 4:
+                if tuple(v.shape[-2:]) == tuple(res):
+                    key = (a, mask, tuple(block))
+                    if key not in self._blocks:
+                        self._blocks[key] = self.gather(rep.node, mask, block, origin=a)
+                    return self._blocks[key]
+                if v.shape[0] == self.batch and self.batch > 1:
+                    return self.call(sigec_ops.tile_blocks.default, (rep.node, ref), origin=a)
+            return rep.node
+
+        return self.call(node.target, map_arg(node.args, convert), map_arg(node.kwargs, convert), node)
+
+    def _emit_output(self, node: Node) -> None:
+        outs = map_arg(node.args[0], lambda n: self.full_of(n) if _is_image(n) else self.reps[n].node)
+        outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
+        self.sig.num_outputs = len(outs)
+        updated: list[Node] = []
+        done = 0
+        while done < len(self.sig.caches):  # full_of may request the cache it scatters into
+            name, kind = self.sig.caches[done]
+            done += 1
+            if kind == VALUE:
+                self.sig.updated.append(name)
+                updated.append(self.full_of(self._by_name[name]))
+        self.g.output(tuple(outs + updated))
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def needs_select(node: Node) -> bool:
+    """A fallback image whose value leaves its fallback region (or the graph) is masked."""
+    if node.meta[K.DECISION].kind is not DecisionKind.FALLBACK or not _is_image(node):
+        return False
+    if not isinstance(node.meta.get("val"), torch.Tensor):
+        return False
+    return any(u.op == "output" or u.meta[K.DECISION].kind is not DecisionKind.FALLBACK for u in node.users)
+
+
+def emit_incremental(gm: GraphModule, batch: int) -> tuple[GraphModule, IncrementalSignature]:
+    """The incremental GraphModule of an analysed graph (all analysis passes must have run)."""
+    em = _Emitter(gm, batch)
+    em._by_name = {n.name: n for n in gm.graph.nodes}
+    for node in gm.graph.nodes:
+        em.emit(node)
+    ordered = ([em.reps[n].node for n in gm.graph.nodes if n.op == "placeholder"]
+               + [em._cache_ph[k] for k in em.sig.caches]
+               + [em._block_ph[k] for k in em.sig.blocks]
+               + [em._mask_ph[m] for m in em.sig.pixel_masks])
+    for ph in reversed(ordered):  # the signature's order, whatever order they were requested in
+        next(iter(em.g.nodes)).prepend(ph)
+    em.g.eliminate_dead_code()
+    em.g.lint()
+    out = GraphModule(gm, em.g, class_name="SigecIncremental")
+    return out, em.sig

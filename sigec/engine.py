@@ -1,0 +1,192 @@
+"""The incremental engine returned by ``sigec.compile``."""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Hashable, Optional
+
+import torch
+from torch.fx import GraphModule
+from torch.fx._pytree import tree_flatten_spec
+from torch.utils import _pytree as pytree
+
+from sigec import meta_keys as K
+from sigec.codegen.incremental import VALUE, IncrementalSignature
+from sigec.passes.pass_base import PassContext
+from sigec.runtime import masks as M
+from sigec.runtime.cache import Slot, SlotStore, fingerprint
+
+log = logging.getLogger("sigec")
+
+
+class EngineError(RuntimeError):
+    """Misuse of an engine: editing before recording, wrong mask, wrong input shape, ..."""
+
+
+class Engine(torch.nn.Module):
+    """Runs a model incrementally.
+
+    The first call for a cache slot records (a dense run that keeps what later edits need).
+    Later calls compare the spatial inputs with the recorded ones (or take ``mask=``, an H x W
+    boolean tensor) and recompute only the affected blocks. Slots are chosen by the values of
+    the non-spatial inputs (for example the timestep) or named with ``with engine.slot(name):``.
+
+    Attributes:
+        graph_module: the analysed dense graph (``node.meta`` holds the plan).
+        recording: GraphModule ``(*inputs) -> (*outputs, *cached)``.
+        incremental: GraphModule ``(*inputs, *cached, *block indices, *pixel masks) ->
+            (*outputs, *updated cached values)``.
+        signature: positions of the incremental graph's inputs and outputs.
+    """
+
+    def __init__(self, graph_module: GraphModule, ctx: PassContext, recording: GraphModule,
+                 incremental: GraphModule, signature: IncrementalSignature, in_spec, out_spec,
+                 input_names: list[str], store: SlotStore):
+        super().__init__()
+        self.graph_module = graph_module
+        self.recording = recording
+        self.incremental = incremental
+        self.signature = signature
+        self.context = ctx
+        self._in_spec, self._out_spec = in_spec, out_spec
+        self.input_names = input_names
+        self._spatial_pos = [input_names.index(n) for n in ctx.spatial_inputs]
+        self._examples = [n.meta.get("val") for n in graph_module.graph.nodes if n.op == "placeholder"]
+        self.store = store
+        self._slot_name: Optional[Hashable] = None
+        self._pending: Optional[dict] = None
+        self.last_stats: Optional[dict] = None
+
+    # -- slots --------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def slot(self, name: Hashable):
+        """Use the cache slot ``name`` for the calls inside the block."""
+        previous, self._slot_name = self._slot_name, name
+        try:
+            yield self
+        finally:
+            self._slot_name = previous
+
+    def clear(self) -> None:
+        """Forget every recorded slot."""
+        self.store.clear()
+        self._pending = None
+
+    # -- calling ------------------------------------------------------------------------------
+    def _flatten(self, args, kwargs) -> list:
+        try:
+            flat = tree_flatten_spec((args, kwargs), self._in_spec)
+        except Exception as exc:
+            raise EngineError(f"the call's arguments do not match the example inputs' structure "
+                              f"({self.input_names}): {exc}") from exc
+        for name, value, example in zip(self.input_names, flat, self._examples):
+            if isinstance(example, torch.Tensor):
+                if not isinstance(value, torch.Tensor):
+                    raise EngineError(f"input {name!r} must be a tensor, got {type(value).__name__}")
+                if tuple(value.shape) != tuple(example.shape) or value.dtype != example.dtype:
+                    raise EngineError(
+                        f"input {name!r} has shape {tuple(value.shape)} and dtype {value.dtype}, but the "
+                        f"engine was compiled for {tuple(example.shape)} and {example.dtype}; compile "
+                        "again with example inputs of the new shape")
+        return list(flat)
+
+    def _slot_key(self, flat: list) -> tuple[Hashable, str]:
+        others = [v for i, v in enumerate(flat) if i not in self._spatial_pos]
+        fp = fingerprint(others)
+        return (("named", self._slot_name) if self._slot_name is not None else ("inputs", fp)), fp
+
+    def _input_mask(self, flat: list, slot: Slot, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        res = self.context.input_resolution
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor):
+                raise EngineError(f"mask must be a torch.Tensor of shape {res} and dtype bool, got "
+                                  f"{type(mask).__name__}")
+            if mask.dtype != torch.bool:
+                raise EngineError(f"mask must have dtype torch.bool, got {mask.dtype}; use mask > 0.5 "
+                                  "or mask.bool()")
+            if tuple(mask.shape) != tuple(res):
+                raise EngineError(f"mask has shape {tuple(mask.shape)} but the spatial inputs are "
+                                  f"{res[0]}x{res[1]}; pass an H x W boolean mask")
+            return mask.to(flat[self._spatial_pos[0]].device)
+        eps = self.context.settings.eps
+        out = None
+        for pos, old in zip(self._spatial_pos, slot.spatial_inputs):
+            diff = (flat[pos] - old).abs().reshape(-1, *res).amax(dim=0) > eps
+            out = diff if out is None else out | diff
+        return out
+
+    def mask_stats(self, input_mask: torch.Tensor) -> dict:
+        """Evaluate the plan's masks for an input mask: pixel masks and active block indices."""
+        masks = M.evaluate_masks(self.signature.mask_exprs() + self._report_masks(), input_mask)
+        blocks = {key: M.active_blocks(masks[key[0]], key[1]) for key in self.signature.blocks}
+        return {"input_mask": input_mask, "masks": masks, "blocks": blocks}
+
+    def _report_masks(self) -> list:
+        return [n.meta[K.MASK] for n in self.graph_module.graph.nodes
+                if n.meta.get(K.MASK) is not None and n.meta[K.SPATIAL].resolution is not None]
+
+    def forward(self, *args, mask: Optional[torch.Tensor] = None, **kwargs) -> Any:
+        flat = self._flatten(args, kwargs)
+        key, fp = self._slot_key(flat)
+        slot = self.store.get(key)
+        with torch.no_grad():
+            if slot is None:
+                if mask is not None:
+                    raise EngineError(f"no recorded run for slot {key[1]!r}: call the engine once without "
+                                      "mask= on the original input to record it, then edit")
+                return self._record(flat, key, fp)
+            if slot.nonspatial_fingerprint != fp:
+                raise EngineError(f"slot {key[1]!r} was recorded with different non-spatial inputs "
+                                  "(timestep, embeddings, ...); use another slot name or clear() it")
+            return self._incremental(flat, key, slot, self._input_mask(flat, slot, mask))
+
+    def _record(self, flat: list, key, fp: str) -> Any:
+        results = list(self.recording(*flat))
+        n_out = self.signature.num_outputs
+        outputs, caches = results[:n_out], results[n_out:]
+        spatial = [flat[p].detach().clone() for p in self._spatial_pos]
+        self.store.put(key, Slot(spatial, caches, outputs, fp))
+        self._pending = None
+        log.debug("recorded slot %r (%d cached tensors)", key[1], len(caches))
+        return self._unflatten([o.clone() if isinstance(o, torch.Tensor) else o for o in outputs])
+
+    def _incremental(self, flat: list, key, slot: Slot, input_mask: torch.Tensor) -> Any:
+        if not bool(input_mask.any()):
+            self.last_stats = self.mask_stats(input_mask)
+            self._pending = None
+            return self._unflatten([o.clone() if isinstance(o, torch.Tensor) else o for o in slot.outputs])
+        stats = self.mask_stats(input_mask)
+        indices = [stats["blocks"][k] for k in self.signature.blocks]
+        pixel = [stats["masks"][m][None, None] for m in self.signature.pixel_masks]
+        results = list(self.incremental(*flat, *slot.caches, *indices, *pixel))
+        n_out = self.signature.num_outputs
+        outputs, updated = results[:n_out], results[n_out:]
+        self.last_stats = stats
+        self._pending = {"key": key, "outputs": outputs, "updated": dict(zip(self.signature.updated, updated)),
+                         "spatial": [flat[p].detach().clone() for p in self._spatial_pos]}
+        return self._unflatten(list(outputs))
+
+    def commit(self) -> None:
+        """Make the last edited run the new baseline, so the next edit is compared with it."""
+        if self._pending is None:
+            raise EngineError("nothing to commit: commit() follows an incremental call that changed something")
+        p = self._pending
+        slot = self.store.get(p["key"])
+        if slot is None:
+            raise EngineError("the slot of the last edit was evicted; nothing to commit")
+        caches = list(slot.caches)
+        for i, (name, kind) in enumerate(self.signature.caches):
+            if kind == VALUE and name in p["updated"]:
+                caches[i] = p["updated"][name]
+        self.store.put(p["key"], Slot(p["spatial"], caches, list(p["outputs"]), slot.nonspatial_fingerprint))
+        self._pending = None
+
+    def _unflatten(self, outputs: list) -> Any:
+        return pytree.tree_unflatten(outputs, self._out_spec)
+
+    # -- introspection ------------------------------------------------------------------------
+    def report(self, mask: Optional[torch.Tensor] = None) -> "Report":
+        """Per-node decisions, mask fractions and MACs for ``mask`` (default: the last edit)."""
+        from sigec.report import build_report
+        stats = self.mask_stats(mask) if mask is not None else self.last_stats
+        return build_report(self, stats)

@@ -1,0 +1,51 @@
+"""The analysis results stored in ``node.meta`` (keys in ``sigec.meta_keys``)."""
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Optional
+
+from torch.fx import Node
+
+
+class SpatialKind(enum.Enum):
+    IMAGE = "image"      #: (N, C, H, W) value that depends on a spatial input
+    DERIVED = "derived"  #: depends on a spatial input but is not image-like (tokens, pooled vectors)
+    STATIC = "static"    #: does not depend on any spatial input (weights, timestep embeddings)
+
+
+@dataclasses.dataclass(frozen=True)
+class SpatialInfo:
+    kind: SpatialKind
+    resolution: Optional[tuple[int, int]] = None
+
+    @property
+    def tainted(self) -> bool:
+        return self.kind is not SpatialKind.STATIC
+
+
+class DecisionKind(enum.Enum):
+    SPARSE = "sparse"      #: computed on the active blocks only
+    DENSE = "dense"        #: supported, but the cost model prefers the whole tensor
+    FALLBACK = "fallback"  #: no sparse rule: dense on materialized inputs, taken inside its mask
+    STATIC = "static"      #: independent of the edit: recomputed as in the dense model
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    kind: DecisionKind
+    reason: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class GatherPrologue:
+    """A norm affine and/or activation evaluated inside the gather that feeds a local op.
+
+    ``source`` is the tensor gathered; ``norm`` the NORM node whose frozen affine applies (or
+    ``None``); ``activation``/``slope`` the activation applied after it.
+    """
+
+    source: Node
+    norm: Optional[Node]
+    activation: str
+    slope: float

@@ -1,0 +1,70 @@
+"""Compilation settings: one frozen dataclass, validated once."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping, Optional, Sequence, Union
+
+POLICIES = ("sige", "exact")
+BlockSize = Union[None, int, Mapping[int, int]]
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileSettings:
+    """Everything the passes, codegen and the engine read.
+
+    Args:
+        policy: ``"sige"`` (the paper's approximation: one mask per resolution, down-sampled from the
+            input mask, thresholded and dilated) or ``"exact"`` (masks grow by each operator's receptive
+            field, so purely local networks reproduce the dense output).
+        eps: a pixel counts as edited when its largest absolute difference over batch and channels
+            exceeds ``eps``.
+        dilation: pixels by which the ``sige`` per-resolution masks are dilated.
+        threshold: a down-sampled ``sige`` mask pixel is active when its coverage exceeds this.
+        block_size: output block edge; ``None`` picks one per resolution, an int fixes it, a mapping
+            ``{resolution: size}`` sets it per resolution (keyed by the height).
+        expected_active_fraction: the edit area the cost model plans for when choosing sparse or dense.
+        spatial_inputs: names of the flat inputs that are images; ``None`` means every 4-D floating
+            input with height and width above 1.
+    """
+
+    policy: str = "sige"
+    eps: float = 1e-6
+    dilation: int = 1
+    threshold: float = 0.0
+    block_size: BlockSize = None
+    expected_active_fraction: float = 0.15
+    spatial_inputs: Optional[Sequence[str]] = None
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.eps < 0:
+            raise ValueError(f"eps must be >= 0, got {self.eps}")
+        if self.dilation < 0:
+            raise ValueError(f"dilation must be >= 0, got {self.dilation}")
+        if not 0.0 < self.expected_active_fraction <= 1.0:
+            raise ValueError("expected_active_fraction must be in (0, 1]")
+        bs = self.block_size
+        if isinstance(bs, int) and bs < 1:
+            raise ValueError(f"block_size must be >= 1, got {bs}")
+        if isinstance(bs, Mapping) and any(int(v) < 1 for v in bs.values()):
+            raise ValueError(f"every block size must be >= 1, got {dict(bs)}")
+
+    def block_for(self, height: int, width: int) -> tuple[int, int]:
+        """Output block size at a resolution: powers of two keep nearest up-sampling aligned."""
+        bs = self.block_size
+        if isinstance(bs, Mapping):
+            edge = int(bs.get(height, _default_block(height, width)))
+        elif isinstance(bs, int):
+            edge = bs
+        else:
+            edge = _default_block(height, width)
+        return (min(edge, height), min(edge, width))
+
+
+def _default_block(height: int, width: int) -> int:
+    target = max(4, min(16, min(height, width) // 16))
+    edge = 1
+    while edge * 2 <= target:
+        edge *= 2
+    return edge
