@@ -35,6 +35,12 @@ def _is_image_shaped(v: Optional[torch.Tensor]) -> bool:
     return v is not None and v.dim() == 4 and (int(v.shape[-2]), int(v.shape[-1])) != (1, 1)
 
 
+def _same_aspect(v: torch.Tensor, res: tuple[int, int]) -> bool:
+    """Images keep the input's aspect ratio (within padding); token views (N, heads, H*W, d) do not."""
+    ratio = (int(v.shape[-2]) * res[1]) / (int(v.shape[-1]) * res[0])
+    return 0.8 <= ratio <= 1.25
+
+
 def _spatial_placeholders(gm: GraphModule, ctx: PassContext) -> list[Node]:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     names = ctx.settings.spatial_inputs
@@ -73,7 +79,7 @@ def classify_spatial(gm: GraphModule, ctx: PassContext) -> GraphModule:
         v = _tensor_val(node)
         if not tainted:
             info = SpatialInfo(SpatialKind.STATIC)
-        elif _is_image_shaped(v):
+        elif _is_image_shaped(v) and _same_aspect(v, ctx.input_resolution):
             info = SpatialInfo(SpatialKind.IMAGE, (int(v.shape[-2]), int(v.shape[-1])))
         else:
             info = SpatialInfo(SpatialKind.DERIVED)
