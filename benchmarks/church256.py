@@ -10,13 +10,20 @@ output against a dense run on the edited input, and (unless ``--no-timing``) wal
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Optional
 
-import torch
-from tqdm import tqdm
+# On this 2-vCPU machine libgomp's default spin-waiting makes 2-thread runs drift between ~20 ms
+# and ~1.7 s per church-small forward (both cores spinning at barriers); a passive wait policy
+# keeps them stable. It must be set before torch loads libgomp; an explicit setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 # Make ``benchmarks.common`` importable both as ``python benchmarks/church256.py`` and with -m.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -85,12 +92,26 @@ def measure_fraction(engine, model, x: torch.Tensor, t: torch.Tensor, fraction: 
         "max_abs_err": float((y_incr - y_dense).abs().max()),
     }
     if timing:
-        with torch.no_grad():
-            # The engine is never committed, so every call edits the same recorded baseline.
-            dense_t = time_call(lambda: model(x_edit, t), repeats)
-            incr_t = time_call(lambda: engine(x_edit, t, mask=mask), repeats)
+        dense_t, incr_t = time_interleaved(lambda: model(x_edit, t),
+                                           lambda: engine(x_edit, t, mask=mask), repeats)
         row.update(dense_s=list(dense_t), incremental_s=list(incr_t), speedup=dense_t[0] / incr_t[0])
     return row
+
+
+def time_interleaved(dense, incremental, repeats: int) -> tuple[tuple, tuple]:
+    """``(median, min, max)`` seconds of each function, timed alternately.
+
+    This machine's speed drifts by an order of magnitude over seconds (shared cores), so the
+    two are timed turn by turn: each speed-up compares calls made under the same conditions.
+    The engine is never committed, so every incremental call edits the same recorded baseline.
+    """
+    samples: tuple[list, list] = ([], [])
+    with torch.no_grad():
+        dense(), incremental()  # warm-up
+        for _ in range(repeats):
+            for fn, out in zip((dense, incremental), samples):
+                out.append(time_call(fn, 1, warmup=0)[0])
+    return tuple((statistics.median(s), min(s), max(s)) for s in samples)
 
 
 def _ms(t: Optional[list]) -> str:
@@ -138,7 +159,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     result = {"config": args.config, "resolution": res, "policy": args.policy, "threads": args.threads,
               "repeats": None if args.no_timing else args.repeats, "timestep": TIMESTEP,
-              "torch": torch.__version__, "compile_s": compile_s, "record_s": record_s, "rows": rows}
+              "torch": torch.__version__,
+              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "compile_s": compile_s, "record_s": record_s, "rows": rows}
     path = write_json(args.json, result)
     print(f"wrote {path}")
     return result

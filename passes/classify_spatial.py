@@ -16,12 +16,12 @@ from torch.fx import GraphModule, Node
 
 from sigec import meta_keys as K
 from sigec.passes.op_table import OpKind, lookup
-from sigec.passes.pass_base import PassContext, sigec_pass
+from sigec.passes.pass_base import PassContext, UserInputError, sigec_pass
 from sigec.plan import SpatialInfo, SpatialKind
 
 
-class SpatialInputError(ValueError):
-    pass
+class SpatialInputError(UserInputError):
+    """The spatial inputs cannot be determined from the model and settings."""
 
 
 def _tensor_val(node: Node) -> Optional[torch.Tensor]:
@@ -97,8 +97,7 @@ def classify_spatial(gm: GraphModule, ctx: PassContext) -> GraphModule:
                 reason = rule.supports(node) or _operands_unsupported(node, rule, info)
         if reason is not None:
             rule = None
-            if info.kind is SpatialKind.IMAGE:
-                ctx.fallbacks[node.name] = reason
+            ctx.fallbacks[node.name] = reason
         node.meta[K.RULE] = rule
     return gm
 

@@ -1,9 +1,10 @@
 """Decide for every node: sparse, dense, fallback or static.
 
 Writes ``DECISION``. Nodes independent of the edit are STATIC. Nodes without a rule are FALLBACK.
-A local op goes sparse when the cost model says so: with the edit area the settings plan for
-(``expected_active_fraction``), estimate the fraction of blocks an edit of that area touches on
-this grid, and compare
+A local op goes sparse when the cost model says so: the plan's own mask expressions are evaluated
+on a centred square edit of the area the settings plan for (``expected_active_fraction``), which
+gives the fraction of blocks each value really activates (receptive-field growth under
+``exact``, dilation under ``sige``), and the model compares
 
     dense  = MACs + bytes(output)
     sparse = touched * (MACs + bytes(output)) + touched * bytes(input windows, halo included)
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch.fx import GraphModule, Node
 
 from sigec import meta_keys as K
@@ -23,20 +25,27 @@ from sigec.macs import node_macs
 from sigec.passes.op_table import OpKind
 from sigec.passes.pass_base import PassContext, sigec_pass
 from sigec.plan import Decision, DecisionKind, SpatialKind
-from sigec.runtime.masks import grid_shape
+from sigec.runtime.masks import active_blocks, evaluate_masks, grid_shape
 
 #: MAC-equivalents per element read or written by a gather or scatter.
 BYTE_COST = 4.0
 
 
-def touched_fraction(res: tuple[int, int], block: tuple[int, int], area_fraction: float) -> float:
-    """Fraction of blocks a square edit of ``area_fraction`` of the image touches on this grid."""
+def representative_mask(res: tuple[int, int], area_fraction: float) -> torch.Tensor:
+    """A centred square edit covering ``area_fraction`` of the image: what the cost model plans for."""
+    h, w = res
+    side_h = max(1, round(math.sqrt(area_fraction) * h))
+    side_w = max(1, round(math.sqrt(area_fraction) * w))
+    mask = torch.zeros(h, w, dtype=torch.bool)
+    top, left = (h - side_h) // 2, (w - side_w) // 2
+    mask[top:top + side_h, left:left + side_w] = True
+    return mask
+
+
+def touched_fraction(masks: dict, mask_expr, res: tuple[int, int], block: tuple[int, int]) -> float:
+    """Fraction of the grid's blocks that the planned edit activates for this value."""
     gh, gw = grid_shape(res, block)
-    side_h = math.sqrt(area_fraction) * res[0]
-    side_w = math.sqrt(area_fraction) * res[1]
-    rows = min(gh, math.ceil(side_h / block[0]) + 1)
-    cols = min(gw, math.ceil(side_w / block[1]) + 1)
-    return rows * cols / (gh * gw)
+    return int(active_blocks(masks[mask_expr], block).shape[0]) / (gh * gw)
 
 
 def _numel(node: Node) -> int:
@@ -44,10 +53,10 @@ def _numel(node: Node) -> int:
     return int(v.numel()) if hasattr(v, "numel") else 0
 
 
-def _sparse_pays(node: Node, ctx: PassContext) -> tuple[bool, str]:
+def _sparse_pays(node: Node, masks: dict) -> tuple[bool, str]:
     info = node.meta[K.SPATIAL]
     spec = node.meta[K.WINDOW]
-    touched = touched_fraction(info.resolution, spec.block, ctx.settings.expected_active_fraction)
+    touched = touched_fraction(masks, node.meta[K.MASK], info.resolution, spec.block)
     out_elems = _numel(node)
     macs = node_macs(node)
     gh, gw = grid_shape(info.resolution, spec.block)
@@ -61,6 +70,9 @@ def _sparse_pays(node: Node, ctx: PassContext) -> tuple[bool, str]:
 
 @sigec_pass(requires=(K.SPATIAL, K.RULE, K.MASK, K.GRID, K.WINDOW), provides=(K.DECISION,))
 def partition(gm: GraphModule, ctx: PassContext) -> GraphModule:
+    planned = representative_mask(ctx.input_resolution, ctx.settings.expected_active_fraction)
+    exprs = [n.meta[K.MASK] for n in gm.graph.nodes if n.meta.get(K.WINDOW) is not None]
+    masks = evaluate_masks(exprs, planned)
     for node in gm.graph.nodes:
         info = node.meta[K.SPATIAL]
         rule = node.meta.get(K.RULE)
@@ -73,7 +85,7 @@ def partition(gm: GraphModule, ctx: PassContext) -> GraphModule:
         elif rule.kind is OpKind.PROJECTION:
             decision = node.args[0].meta[K.DECISION]
         elif rule.kind is OpKind.LOCAL:
-            pays, why = _sparse_pays(node, ctx)
+            pays, why = _sparse_pays(node, masks)
             decision = Decision(DecisionKind.SPARSE if pays else DecisionKind.DENSE, why)
         else:
             producers = [n for n in node.all_input_nodes if n.meta[K.SPATIAL].kind is SpatialKind.IMAGE]

@@ -65,7 +65,11 @@ def sigec_pass(requires: Sequence[str] = (), provides: Sequence[str] = ()):
 
 
 class PassError(RuntimeError):
-    pass
+    """An internal failure of a pass; names the pass and the passes before it."""
+
+
+class UserInputError(ValueError):
+    """A problem with what the user gave (model inputs, settings); passes it through unwrapped."""
 
 
 def check_order(passes: Sequence[PassFn]) -> None:
@@ -93,6 +97,8 @@ def run_passes(gm: GraphModule, ctx: PassContext, passes: Sequence[PassFn],
         start = time.perf_counter()
         try:
             gm = p(gm, ctx)
+        except UserInputError:
+            raise
         except Exception as exc:
             raise PassError(f"an error occurred when running the {name!r} pass after the following "
                             f"passes: {done}: {exc}") from exc

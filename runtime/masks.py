@@ -11,6 +11,7 @@ consumer without materializing a full tensor, so constructors normalize (``union
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Iterable, Mapping, Union
 
 import torch
@@ -19,15 +20,44 @@ import torch.nn.functional as F
 Resolution = tuple[int, int]
 
 
-@dataclasses.dataclass(frozen=True)
-class InputMask:
+class _Interned:
+    """Hash-consing: equal expressions are one object, so hashing and equality are O(1).
+
+    Masks of networks with skip connections are DAGs whose tree expansion is exponential;
+    structural hashing would walk it on every dictionary lookup.
+    """
+
+    _table: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
+
+    def __new__(cls, *args, **kwargs):
+        names = [f.name for f in dataclasses.fields(cls)]
+        values = dict(zip(names, args), **kwargs)
+        key = (cls,) + tuple(values[n] for n in names)
+        obj = _Interned._table.get(key)
+        if obj is None:
+            obj = super().__new__(cls)
+            _Interned._table[key] = obj
+        return obj
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        return (type(self), tuple(getattr(self, f.name) for f in dataclasses.fields(self)))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class InputMask(_Interned):
     """The edit mask of the spatial inputs, at their resolution."""
 
     res: Resolution
 
 
-@dataclasses.dataclass(frozen=True)
-class Resampled:
+@dataclasses.dataclass(frozen=True, eq=False)
+class Resampled(_Interned):
     """``sige`` policy: input mask bilinearly resampled to ``res``, thresholded, then dilated."""
 
     src: "MaskExpr"
@@ -36,8 +66,8 @@ class Resampled:
     dilation: int
 
 
-@dataclasses.dataclass(frozen=True)
-class Window:
+@dataclasses.dataclass(frozen=True, eq=False)
+class Window(_Interned):
     """Receptive-field growth: an output pixel is active if any pixel of its input window is.
 
     Same geometry as a convolution (``max_pool2d`` over the mask).
@@ -58,8 +88,8 @@ class Window:
         return self.res == self.src.res
 
 
-@dataclasses.dataclass(frozen=True)
-class Upsample:
+@dataclasses.dataclass(frozen=True, eq=False)
+class Upsample(_Interned):
     """Nearest up-sampling of a mask by an integer factor per dimension."""
 
     src: "MaskExpr"
@@ -67,8 +97,8 @@ class Upsample:
     res: Resolution
 
 
-@dataclasses.dataclass(frozen=True)
-class Pad:
+@dataclasses.dataclass(frozen=True, eq=False)
+class Pad(_Interned):
     """Spatial padding: new border pixels follow ``mode`` (constant pads are inactive)."""
 
     src: "MaskExpr"
@@ -77,16 +107,16 @@ class Pad:
     res: Resolution
 
 
-@dataclasses.dataclass(frozen=True)
-class Resize:
+@dataclasses.dataclass(frozen=True, eq=False)
+class Resize(_Interned):
     """Conservative change of resolution (max-pool down, nearest up) for values of unknown geometry."""
 
     src: "MaskExpr"
     res: Resolution
 
 
-@dataclasses.dataclass(frozen=True)
-class Union_:
+@dataclasses.dataclass(frozen=True, eq=False)
+class Union_(_Interned):
     """Union of masks of one resolution. Build with ``union`` so equal unions compare equal."""
 
     srcs: frozenset
@@ -156,11 +186,13 @@ def _evaluate(expr: MaskExpr, memo: dict, base: torch.Tensor) -> torch.Tensor:
         out = out[0, 0]
     elif isinstance(expr, Window):
         src = _as_float(_evaluate(expr.src, memo, base))
-        # max_pool2d caps padding at half the kernel; pad explicitly with inactive pixels instead.
+        # max_pool2d caps padding at half the kernel: pad explicitly with inactive pixels. The far
+        # side gets a whole extra window, so asymmetric ("same" with even kernels) padding is
+        # covered too; _fit crops to the known output resolution.
         ph, pw = expr.padding
-        src = F.pad(src, (max(pw, 0), max(pw, 0), max(ph, 0), max(ph, 0)))
-        if ph < 0 or pw < 0:
-            src = src[..., max(-ph, 0):src.shape[-2] - max(-ph, 0), max(-pw, 0):src.shape[-1] - max(-pw, 0)]
+        extra_h = expr.dilation[0] * expr.kernel[0]
+        extra_w = expr.dilation[1] * expr.kernel[1]
+        src = F.pad(src, (pw, pw + extra_w, ph, ph + extra_h))
         out = F.max_pool2d(src, expr.kernel, expr.stride, 0, expr.dilation)[0, 0] > 0
         out = _fit(out, expr.res)
     elif isinstance(expr, Upsample):
@@ -179,7 +211,7 @@ def _evaluate(expr: MaskExpr, memo: dict, base: torch.Tensor) -> torch.Tensor:
         else:
             out = F.interpolate(src, size=expr.res, mode="nearest")[0, 0] > 0
     elif isinstance(expr, Union_):
-        parts = [_evaluate(s, memo, base) for s in sorted(expr.srcs, key=repr)]
+        parts = [_evaluate(s, memo, base) for s in expr.srcs]
         out = parts[0]
         for p in parts[1:]:
             out = out | p
@@ -243,7 +275,7 @@ def describe(expr: MaskExpr) -> str:
         return f"pad({describe(expr.src)})"
     if isinstance(expr, Resize):
         return f"resize({describe(expr.src)})@{expr.res[0]}x{expr.res[1]}"
-    return "|".join(sorted(describe(s) for s in expr.srcs))
+    return f"union of {len(expr.srcs)}"
 
 
 def pixel_fraction(masks: Mapping, expr: MaskExpr) -> float:

@@ -85,10 +85,13 @@ def gather(x: Tensor, indices: Tensor, window: list[int], stride: list[int], off
     activated tensor, which is what a convolution after a normalization expects.
     """
     n, c, h, w = x.shape
+    nb = indices.shape[0]
     rows, inside_r = _resolve(_window_coords(indices, window[0], stride[0], offset[0], 0), h, pad_mode)
     cols, inside_c = _resolve(_window_coords(indices, window[1], stride[1], offset[1], 1), w, pad_mode)
-    out = x[:, :, rows[:, :, None], cols[:, None, :]]  # (N, C, nb, wh, ww)
-    out = out.permute(2, 0, 1, 3, 4).reshape(-1, c, window[0], window[1])
+    # One flat index_select over H*W is far cheaper on CPU than 2-D advanced indexing.
+    flat = (rows[:, :, None] * w + cols[:, None, :]).reshape(-1)
+    out = x.reshape(n, c, h * w).index_select(2, flat)
+    out = out.view(n, c, nb, window[0], window[1]).permute(2, 0, 1, 3, 4).reshape(nb * n, c, window[0], window[1])
     if scale is not None:
         rows_total = out.shape[0]
         out = out * _per_block(scale, rows_total)[:, :, None, None] + _per_block(shift, rows_total)[:, :, None, None]
@@ -118,25 +121,25 @@ def _scatter_into(out: Tensor, blocks: Tensor, indices: Tensor, block: list[int]
         return out
     rows = _window_coords(indices, block[0], block[0], 0, 0)
     cols = _window_coords(indices, block[1], block[1], 0, 1)
-    vals = blocks.reshape(nb, n, c, block[0], block[1]).permute(1, 2, 0, 3, 4)
-    if rows.max() < h and cols.max() < w:
-        out[:, :, rows[:, :, None], cols[:, None, :]] = vals.to(out.dtype)
-        return out
-    inside = (rows[:, :, None] < h) & (cols[:, None, :] < w)  # (nb, bh, bw)
-    flat = (rows[:, :, None] * w + cols[:, None, :])[inside]
-    out.view(n, c, h * w)[:, :, flat] = vals[:, :, inside].to(out.dtype)
+    flat = rows[:, :, None] * w + cols[:, None, :]  # (nb, bh, bw)
+    vals = blocks.reshape(nb, n, c, block[0] * block[1]).permute(1, 2, 0, 3).reshape(n, c, -1)
+    inside = ((rows[:, :, None] < h) & (cols[:, None, :] < w)).reshape(-1)
+    flat = flat.reshape(-1)
+    if not bool(inside.all()):  # blocks running past the edge: drop those pixels
+        flat, vals = flat[inside], vals[:, :, inside]
+    out.view(n, c, h * w).index_copy_(2, flat, vals.to(out.dtype))
     return out
 
 
 @torch.library.custom_op("sigec::scatter", mutates_args=())
 def scatter(blocks: Tensor, base: Tensor, indices: Tensor, block: list[int]) -> Tensor:
-    """``base`` with the active blocks replaced by ``blocks`` (a new tensor; ``base`` is untouched)."""
-    return _scatter_into(base.clone(), blocks, indices, block)
+    """``base`` with the active blocks replaced by ``blocks`` (a new contiguous tensor)."""
+    return _scatter_into(base.clone(memory_format=torch.contiguous_format), blocks, indices, block)
 
 
 @scatter.register_fake
 def _(blocks, base, indices, block):
-    return torch.empty_like(base)
+    return base.new_empty(base.shape)
 
 
 @torch.library.custom_op("sigec::scatter_gather", mutates_args=())
@@ -144,7 +147,7 @@ def scatter_gather(blocks: Tensor, base: Tensor, indices: Tensor, block: list[in
                    gather_indices: Tensor, window: list[int], stride: list[int], offset: list[int],
                    pad_mode: str, pad_value: float) -> tuple[Tensor, Tensor]:
     """``scatter`` followed by a ``gather`` of the result: returns ``(full, windows)``."""
-    full = _scatter_into(base.clone(), blocks, indices, block)
+    full = _scatter_into(base.clone(memory_format=torch.contiguous_format), blocks, indices, block)
     windows = gather(full, gather_indices, window, stride, offset, pad_mode, pad_value,
                      None, None, "none", 0.0)
     return full, windows
@@ -153,7 +156,7 @@ def scatter_gather(blocks: Tensor, base: Tensor, indices: Tensor, block: list[in
 @scatter_gather.register_fake
 def _(blocks, base, indices, block, gather_indices, window, stride, offset, pad_mode, pad_value):
     nb = gather_indices.shape[0]
-    return (torch.empty_like(base),
+    return (base.new_empty(base.shape),
             base.new_empty((nb * base.shape[0], base.shape[1], window[0], window[1])))
 
 

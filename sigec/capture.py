@@ -41,10 +41,17 @@ _HINTS = (
 
 def _user_frame(exc: BaseException) -> Optional[str]:
     """The innermost traceback frame outside torch and sigec: the line that could not be traced."""
-    torch_dir = os.path.dirname(torch.__file__)
-    here = os.path.dirname(os.path.dirname(__file__))
-    frames = [f for f in traceback.extract_tb(exc.__traceback__)
-              if not f.filename.startswith(torch_dir) and not f.filename.startswith(here)]
+    import sigec.passes
+    import sigec.runtime
+
+    skip = tuple(os.path.dirname(m.__file__) for m in (torch, sigec.passes, sigec.runtime)) + (
+        os.path.dirname(__file__),)
+    frames = []
+    tb = exc
+    while tb is not None:  # the user's line may sit in a chained exception
+        frames += [f for f in traceback.extract_tb(tb.__traceback__)
+                   if not f.filename.startswith(skip) and not f.filename.startswith("<")]
+        tb = tb.__cause__ or tb.__context__
     if not frames:
         return None
     f = frames[-1]

@@ -115,15 +115,18 @@ class Engine(torch.nn.Module):
             out = diff if out is None else out | diff
         return out
 
-    def mask_stats(self, input_mask: torch.Tensor) -> dict:
-        """Evaluate the plan's masks for an input mask: pixel masks and active block indices."""
-        masks = M.evaluate_masks(self.signature.mask_exprs() + self._report_masks(), input_mask)
+    def mask_stats(self, input_mask: torch.Tensor, every_node: bool = False) -> dict:
+        """Evaluate the plan's masks for an input mask: pixel masks and active block indices.
+
+        Only the masks the incremental graph reads are evaluated unless ``every_node`` (reports).
+        """
+        exprs = self.signature.mask_exprs()
+        if every_node:
+            exprs += [n.meta[K.MASK] for n in self.graph_module.graph.nodes
+                      if n.meta.get(K.MASK) is not None and n.meta[K.SPATIAL].resolution is not None]
+        masks = M.evaluate_masks(exprs, input_mask)
         blocks = {key: M.active_blocks(masks[key[0]], key[1]) for key in self.signature.blocks}
         return {"input_mask": input_mask, "masks": masks, "blocks": blocks}
-
-    def _report_masks(self) -> list:
-        return [n.meta[K.MASK] for n in self.graph_module.graph.nodes
-                if n.meta.get(K.MASK) is not None and n.meta[K.SPATIAL].resolution is not None]
 
     def forward(self, *args, mask: Optional[torch.Tensor] = None, **kwargs) -> Any:
         flat = self._flatten(args, kwargs)
@@ -152,7 +155,7 @@ class Engine(torch.nn.Module):
 
     def _incremental(self, flat: list, key, slot: Slot, input_mask: torch.Tensor) -> Any:
         if not bool(input_mask.any()):
-            self.last_stats = self.mask_stats(input_mask)
+            self.last_stats = {"input_mask": input_mask, "masks": {}, "blocks": {}}
             self._pending = None
             return self._unflatten([o.clone() if isinstance(o, torch.Tensor) else o for o in slot.outputs])
         stats = self.mask_stats(input_mask)
@@ -188,5 +191,7 @@ class Engine(torch.nn.Module):
     def report(self, mask: Optional[torch.Tensor] = None) -> "Report":
         """Per-node decisions, mask fractions and MACs for ``mask`` (default: the last edit)."""
         from sigec.report import build_report
-        stats = self.mask_stats(mask) if mask is not None else self.last_stats
+        if mask is None and self.last_stats is not None:
+            mask = self.last_stats["input_mask"]
+        stats = self.mask_stats(mask, every_node=True) if mask is not None else None
         return build_report(self, stats)
