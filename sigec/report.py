@@ -80,9 +80,6 @@ def _incremental_macs(node, stats) -> tuple[Optional[int], Optional[int], Option
         return dense, None, frac
     block = node.meta[K.GRID]
     count = int(M.active_blocks(stats["masks"][mask], block).shape[0])
-    rule = node.meta[K.RULE]
-    if rule.kind is not OpKind.LOCAL:
-        return 0 if not dense else dense, count, frac
     return int(round(count * block[0] * block[1] * macs_per_output_pixel(node))), count, frac
 
 

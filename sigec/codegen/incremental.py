@@ -178,7 +178,9 @@ class _Emitter:
         if rule is not None and rule.kind is OpKind.IGNORED:
             return
         decision = node.meta[K.DECISION].kind
-        if decision is DecisionKind.STATIC:
+        if decision is DecisionKind.STATIC and node in self.slot_constants:
+            self.reps[node] = _Rep(self.cache(node), "plain")
+        elif decision is DecisionKind.STATIC:
             new = self.call(node.target, self.new(node.args), self.new(node.kwargs), node)
             new.meta["val"] = node.meta.get("val")
             self.reps[node] = _Rep(new, "plain")
@@ -275,7 +277,7 @@ class _Emitter:
         while done < len(self.sig.caches):  # full_of may request the cache it scatters into
             name, kind = self.sig.caches[done]
             done += 1
-            if kind == VALUE:
+            if kind == VALUE and self._by_name[name].meta[K.SPATIAL].tainted:
                 self.sig.updated.append(name)
                 updated.append(self.full_of(self._by_name[name]))
         self.g.output(tuple(outs + updated))
@@ -298,9 +300,27 @@ def needs_select(node: Node) -> bool:
     return any(u.op == "output" or u.meta[K.DECISION].kind is not DecisionKind.FALLBACK for u in node.users)
 
 
+def slot_constants(gm: GraphModule) -> set:
+    """Static tensors computed from the non-spatial inputs (timestep embeddings, ...) where they
+    meet the image path. A slot is keyed by those inputs' values, so these are constant within
+    a slot: the incremental graph reads them from the cache instead of recomputing them."""
+    from_inputs: set = set()
+    out = set()
+    for node in gm.graph.nodes:
+        if node.meta[K.SPATIAL].tainted or node.op not in ("placeholder", "call_function"):
+            continue
+        if node.op == "placeholder" or any(a in from_inputs for a in node.all_input_nodes):
+            from_inputs.add(node)
+            if isinstance(node.meta.get("val"), torch.Tensor) and node.op != "placeholder" and any(
+                    u.op != "output" and u.meta[K.SPATIAL].tainted for u in node.users):
+                out.add(node)
+    return out
+
+
 def emit_incremental(gm: GraphModule, batch: int) -> tuple[GraphModule, IncrementalSignature]:
     """The incremental GraphModule of an analysed graph (all analysis passes must have run)."""
     em = _Emitter(gm, batch)
+    em.slot_constants = slot_constants(gm)
     em._by_name = {n.name: n for n in gm.graph.nodes}
     for node in gm.graph.nodes:
         em.emit(node)

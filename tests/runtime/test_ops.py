@@ -1,0 +1,111 @@
+"""The sparse ops: opcheck (fake tensors, schemas, strides) and agreement with plain loops."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sigec.runtime import ops
+
+sigec = torch.ops.sigec
+
+
+def _naive_gather(x, indices, window, stride, offset, mode, value):
+    n, c, h, w = x.shape
+    pads = (8, 8, 8, 8)  # covers every window below; reflect needs pads under the image size
+    xp = F.pad(x, pads, mode=mode, value=value) if mode == "constant" else F.pad(x, pads, mode=mode)
+    out = []
+    for r, col in indices.tolist():
+        y0 = r * stride[0] + offset[0] + pads[2]
+        x0 = col * stride[1] + offset[1] + pads[0]
+        out.append(xp[:, :, y0:y0 + window[0], x0:x0 + window[1]])
+    return torch.stack(out).reshape(-1, c, *window)
+
+
+@pytest.mark.parametrize("mode", ["constant", "replicate", "reflect"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_gather_matches_padded_slicing(mode, batch):
+    torch.manual_seed(0)
+    x = torch.randn(batch, 5, 13, 11)
+    indices = torch.tensor([[0, 0], [1, 2], [3, 2], [2, 0]])
+    window, stride, offset = [6, 5], [4, 4], [-1, -2]
+    got = sigec.gather(x, indices, window, stride, offset, mode, -3.0, None, None, "none", 0.0)
+    torch.testing.assert_close(got, _naive_gather(x, indices, window, stride, offset, mode, -3.0))
+
+
+def test_gather_affine_activation_keeps_padding_zero():
+    x = torch.randn(2, 4, 8, 8)
+    scale, shift = torch.rand(2, 4) + 0.5, torch.randn(2, 4)
+    indices = torch.tensor([[0, 0], [1, 1]])
+    got = sigec.gather(x, indices, [6, 6], [4, 4], [-1, -1], "constant", 0.0, scale, shift, "silu", 0.0)
+    activated = F.silu(x * scale[:, :, None, None] + shift[:, :, None, None])
+    torch.testing.assert_close(got, _naive_gather(activated, indices, [6, 6], [4, 4], [-1, -1], "constant", 0.0))
+
+
+def test_scatter_writes_blocks_and_clips_the_edge():
+    base = torch.randn(2, 3, 10, 10)
+    indices = torch.tensor([[0, 1], [2, 2]])  # block (2, 2) of 4x4 runs past the 10x10 edge
+    blocks = torch.randn(4, 3, 4, 4)
+    out = sigec.scatter(blocks, base, indices, [4, 4])
+    expect = base.clone()
+    b = blocks.view(2, 2, 3, 4, 4)
+    expect[:, :, 0:4, 4:8] = b[0]
+    expect[:, :, 8:10, 8:10] = b[1][:, :, :2, :2]
+    torch.testing.assert_close(out, expect)
+    assert not torch.equal(out, base) and base.data_ptr() != out.data_ptr()
+
+
+def test_scatter_gather_and_residual_add_compose_the_simple_ops():
+    base = torch.randn(1, 3, 8, 8)
+    idx = torch.tensor([[1, 0]])
+    blocks = torch.randn(1, 3, 4, 4)
+    full, windows = sigec.scatter_gather(blocks, base, idx, [4, 4], idx, [6, 6], [4, 4], [-1, -1], "constant", 0.0)
+    torch.testing.assert_close(full, sigec.scatter(blocks, base, idx, [4, 4]))
+    torch.testing.assert_close(windows, sigec.gather(full, idx, [6, 6], [4, 4], [-1, -1], "constant", 0.0,
+                                                     None, None, "none", 0.0))
+    res = sigec.residual_add(blocks, base, idx, [4, 4])
+    torch.testing.assert_close(res, blocks + base[:, :, 4:8, 0:4])
+
+
+def test_norm_affine_reproduces_group_norm():
+    x = torch.randn(2, 8, 6, 6)
+    w, b = torch.randn(8), torch.randn(8)
+    scale, shift = sigec.norm_affine(x, 4, w, b, 1e-5)
+    got = sigec.affine_act(x, scale, shift, "none", 0.0)
+    torch.testing.assert_close(got, F.group_norm(x, 4, w, b, 1e-5), rtol=1e-5, atol=1e-5)
+
+
+def test_empty_block_lists():
+    x = torch.randn(1, 2, 8, 8)
+    none = torch.zeros(0, 2, dtype=torch.int64)
+    assert sigec.gather(x, none, [4, 4], [4, 4], [0, 0], "constant", 0.0, None, None, "none", 0.0).shape == (0, 2, 4, 4)
+    assert torch.equal(sigec.scatter(torch.zeros(0, 2, 4, 4), x, none, [4, 4]), x)
+
+
+def _opcheck_samples():
+    x = torch.randn(2, 4, 9, 9)
+    xcl = x.to(memory_format=torch.channels_last)
+    idx = torch.tensor([[0, 0], [2, 1]])
+    blocks = torch.randn(4, 4, 4, 4)
+    scale, shift = torch.rand(2, 4), torch.randn(2, 4)
+    return [
+        (sigec.gather.default, (x, idx, [6, 6], [4, 4], [-1, -1], "constant", 0.0, None, None, "none", 0.0)),
+        (sigec.gather.default, (xcl, idx, [6, 6], [4, 4], [-1, -1], "reflect", 0.0, scale, shift, "silu", 0.0)),
+        (sigec.scatter.default, (blocks, x, idx, [4, 4])),
+        (sigec.scatter.default, (blocks, xcl, idx, [4, 4])),
+        (sigec.scatter_gather.default, (blocks, xcl, idx, [4, 4], idx, [5, 5], [4, 4], [0, 0], "replicate", 0.0)),
+        (sigec.residual_add.default, (blocks, x, idx, [4, 4])),
+        (sigec.affine_act.default, (blocks, scale, shift, "gelu", 0.0)),
+        (sigec.affine_act.default, (xcl, scale, shift, "leaky_relu", 0.2)),
+        (sigec.tile_blocks.default, (torch.randn(2, 4, 1, 1), blocks)),
+        (sigec.norm_affine.default, (x, 2, torch.randn(4), None, 1e-5)),
+    ]
+
+
+@pytest.mark.parametrize("i", range(len(_opcheck_samples())))
+def test_opcheck(i):
+    op, args = _opcheck_samples()[i]
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def test_every_op_is_opchecked():
+    checked = {op for op, _ in _opcheck_samples()}
+    assert checked == set(ops.ALL_OPS.values())

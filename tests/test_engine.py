@@ -1,0 +1,160 @@
+"""Engine contract: recording, slots, commit, budgets, batches, keyword inputs and bad input."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import sigec
+from sigec import CacheBudgetError, CaptureError, EngineError
+
+
+class TimeNet(nn.Module):
+    """A conv net conditioned on a timestep, with a keyword-only style input."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.emb = nn.Linear(1, 8)
+        self.c2 = nn.Conv2d(8, 3, 3, padding=1)
+
+    def forward(self, x, t, scale=None):
+        h = F.silu(self.c1(x) + self.emb(t[:, None].float())[:, :, None, None])
+        out = self.c2(h)
+        return {"sample": out * scale if scale is not None else out}
+
+
+def _edit(x, y0=4, x0=5, size=3):
+    out = x.clone()
+    out[..., y0:y0 + size, x0:x0 + size] += 1.0
+    return out
+
+
+@pytest.fixture
+def setup():
+    torch.manual_seed(0)
+    model = TimeNet().eval()
+    x = torch.randn(1, 3, 16, 16)
+    t = torch.tensor([3])
+    return model, x, t
+
+
+def test_keyword_inputs_and_dict_outputs(setup):
+    model, x, t = setup
+    scale = torch.full((1, 1, 1, 1), 2.0)
+    engine = sigec.compile(model, (x,), {"t": t, "scale": scale}, policy="exact", block_size=4)
+    out0 = engine(x, t=t, scale=scale)
+    assert set(out0) == {"sample"}
+    torch.testing.assert_close(out0["sample"], model(x, t, scale)["sample"])
+    x2 = _edit(x)
+    torch.testing.assert_close(engine(x2, t=t, scale=scale)["sample"], model(x2, t, scale)["sample"],
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_slots_are_keyed_by_timestep(setup):
+    model, x, t = setup
+    engine = sigec.compile(model, (x, t), policy="exact", block_size=4)
+    engine(x, t)
+    engine(x, torch.tensor([7]))
+    assert len(engine.store) == 2
+    x2 = _edit(x)
+    for step in (3, 7):
+        ts = torch.tensor([step])
+        torch.testing.assert_close(engine(x2, ts)["sample"], model(x2, ts)["sample"], rtol=1e-4, atol=1e-5)
+
+
+def test_named_slots(setup):
+    model, x, t = setup
+    engine = sigec.compile(model, (x, t), policy="exact", block_size=4)
+    with engine.slot("original"):
+        y0 = engine(x, t)["sample"]
+        assert torch.equal(engine(x, t)["sample"], y0)
+        with pytest.raises(EngineError, match="different non-spatial inputs"):
+            engine(x, torch.tensor([9]))
+    assert engine.store.keys() == [("named", "original")]
+
+
+def test_commit_makes_the_edit_the_baseline(setup):
+    model, x, t = setup
+    engine = sigec.compile(model, (x, t), policy="exact", block_size=4)
+    engine(x, t)
+    x1 = _edit(x, 2, 2)
+    engine(x1, t)
+    engine.commit()
+    x2 = _edit(x1, 10, 10)
+    out = engine(x2, t)["sample"]
+    torch.testing.assert_close(out, model(x2, t)["sample"], rtol=1e-4, atol=1e-5)
+    # the second edit was compared with the committed state: only its own region is active
+    assert not engine.last_stats["input_mask"][2:5, 2:5].any()
+    assert engine.last_stats["input_mask"][10:13, 10:13].all()
+    assert torch.equal(engine(x1, t)["sample"], engine(x1, t)["sample"])
+    with pytest.raises(EngineError, match="nothing to commit"):
+        engine(x1, t)
+        engine.commit()
+
+
+def test_errors_for_basic_misuse(setup):
+    model, x, t = setup
+    engine = sigec.compile(model, (x, t), block_size=4)
+    with pytest.raises(EngineError, match="no recorded run"):
+        engine(x, t, mask=torch.ones(16, 16, dtype=torch.bool))
+    engine(x, t)
+    with pytest.raises(EngineError, match="mask has shape"):
+        engine(x, t, mask=torch.ones(8, 8, dtype=torch.bool))
+    with pytest.raises(EngineError, match="dtype torch.bool"):
+        engine(x, t, mask=torch.ones(16, 16))
+    with pytest.raises(EngineError, match="compiled for"):
+        engine(torch.randn(1, 3, 32, 32), t)
+    with pytest.raises(EngineError, match="compiled for"):
+        engine(x.double(), t)
+    # nothing was corrupted: the recorded output still comes back for the original input
+    assert torch.equal(engine(x, t)["sample"], model(x, t)["sample"])
+
+
+def test_cache_budget(setup):
+    model, x, t = setup
+    engine = sigec.compile(model, (x, t), block_size=4, cache_budget_bytes=1, on_cache_full="raise")
+    with pytest.raises(CacheBudgetError, match="more than the budget"):
+        engine(x, t)
+    engine = sigec.compile(model, (x, t), block_size=4)
+    engine(x, t)
+    one_slot = engine.store.nbytes()
+    evicting = sigec.compile(model, (x, t), block_size=4, cache_budget_bytes=int(one_slot * 1.5))
+    evicting(x, torch.tensor([1]))
+    evicting(x, torch.tensor([2]))
+    assert len(evicting.store) == 1  # the older slot was evicted
+    raising = sigec.compile(model, (x, t), block_size=4, cache_budget_bytes=int(one_slot * 1.5),
+                            on_cache_full="raise")
+    raising(x, torch.tensor([1]))
+    with pytest.raises(CacheBudgetError, match="exceed the cache budget"):
+        raising(x, torch.tensor([2]))
+
+
+def test_batch_with_shared_mask_is_exact(setup):
+    model, _, _ = setup
+    x = torch.randn(3, 3, 16, 16)
+    t = torch.tensor([1, 2, 3])
+    engine = sigec.compile(model, (x, t), policy="exact", block_size=4, expected_active_fraction=0.05)
+    engine(x, t)
+    x2 = x.clone()
+    x2[1, :, 3:6, 3:6] += 1  # one sample edited; the mask is shared by the batch
+    torch.testing.assert_close(engine(x2, t)["sample"], model(x2, t)["sample"], rtol=1e-4, atol=1e-5)
+
+
+def test_capture_error_names_the_construct():
+    class DataDependent(nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:  # Python branch on a tensor value
+                return x * 2
+            return x
+
+    with pytest.raises(CaptureError) as info:
+        sigec.compile(DataDependent(), (torch.randn(1, 1, 4, 4),))
+    msg = str(info.value)
+    assert "test_engine.py" in msg and "if x.sum() > 0" in msg and "torch.cond" in msg
+
+
+def test_settings_are_validated():
+    with pytest.raises(ValueError, match="policy"):
+        sigec.compile(nn.Conv2d(1, 1, 1), (torch.randn(1, 1, 4, 4),), policy="fast")
+    with pytest.raises(ValueError, match="block_size"):
+        sigec.compile(nn.Conv2d(1, 1, 1), (torch.randn(1, 1, 4, 4),), block_size=0)
