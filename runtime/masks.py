@@ -58,7 +58,8 @@ class InputMask(_Interned):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Resampled(_Interned):
-    """``sige`` policy: input mask bilinearly resampled to ``res``, thresholded, then dilated."""
+    """``sige`` policy: input mask resampled to ``res`` (area when shrinking, so a pixel's value is
+    its edited coverage), kept where coverage exceeds ``threshold``, then dilated."""
 
     src: "MaskExpr"
     res: Resolution
@@ -176,9 +177,11 @@ def _evaluate(expr: MaskExpr, memo: dict, base: torch.Tensor) -> torch.Tensor:
     elif isinstance(expr, Resampled):
         src = _as_float(_evaluate(expr.src, memo, base))
         if src.shape[-2:] != expr.res:
-            antialias = expr.res[0] < src.shape[-2] or expr.res[1] < src.shape[-1]
-            src = F.interpolate(src, size=expr.res, mode="bilinear", align_corners=False,
-                                antialias=antialias)
+            # Area resampling makes each coarse pixel its edited coverage, so ``threshold`` is a
+            # coverage fraction; a triangle (bilinear) filter would bleed into neighbours unevenly.
+            down = expr.res[0] <= src.shape[-2] and expr.res[1] <= src.shape[-1]
+            src = F.interpolate(src, size=expr.res, mode="area" if down else "bilinear",
+                                align_corners=None if down else False)
         out = src > expr.threshold
         if expr.dilation:
             k = 2 * expr.dilation + 1

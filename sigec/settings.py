@@ -13,13 +13,14 @@ class CompileSettings:
     """Everything the passes, codegen and the engine read.
 
     Args:
-        policy: ``"sige"`` (the paper's approximation: one mask per resolution, down-sampled from the
-            input mask, thresholded and dilated) or ``"exact"`` (masks grow by each operator's receptive
+        policy: ``"sige"`` (the paper's approximation: one mask per resolution, area-resampled from
+            the input mask, thresholded and dilated) or ``"exact"`` (masks grow by each operator's receptive
             field, so purely local networks reproduce the dense output).
         eps: a pixel counts as edited when its largest absolute difference over batch and channels
             exceeds ``eps``.
         dilation: pixels by which the ``sige`` per-resolution masks are dilated.
-        threshold: a down-sampled ``sige`` mask pixel is active when its coverage exceeds this.
+        threshold: a down-sampled ``sige`` mask pixel is active when the fraction of it the edit
+            covers exceeds this (0: any overlap).
         block_size: output block edge; ``None`` picks one per resolution, an int fixes it, a mapping
             ``{resolution: size}`` sets it per resolution (keyed by the height).
         expected_active_fraction: the edit area the cost model plans for when choosing sparse or dense.
