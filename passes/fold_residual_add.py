@@ -5,13 +5,12 @@ without a separate windows tensor. Only plain halo-free gathers with a single us
 """
 from __future__ import annotations
 
-import logging
 
 import torch
 from torch.fx import GraphModule
 
 from sigec import meta_keys as K
-from sigec.passes.pass_base import PassContext, sigec_pass
+from sigec.passes.pass_base import PassContext, finish_rewrite, sigec_pass
 
 aten = torch.ops.aten
 sigec_ops = torch.ops.sigec
@@ -48,8 +47,4 @@ def fold_residual_add(gm: GraphModule, ctx: PassContext) -> GraphModule:
             graph.erase_node(other)
             folded += 1
             break
-    if folded:
-        graph.lint()
-        gm.recompile()
-        logging.getLogger("sigec.passes").debug("folded %d residual add(s)", folded)
-    return gm
+    return finish_rewrite(gm, folded, "folded residual add(s)")

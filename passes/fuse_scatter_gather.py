@@ -6,14 +6,13 @@ the full tensor take element 0 of the fused result.
 """
 from __future__ import annotations
 
-import logging
 import operator
 
 import torch
 from torch.fx import GraphModule
 
 from sigec import meta_keys as K
-from sigec.passes.pass_base import PassContext, sigec_pass
+from sigec.passes.pass_base import PassContext, finish_rewrite, sigec_pass
 
 sigec_ops = torch.ops.sigec
 
@@ -52,8 +51,4 @@ def fuse_scatter_gather(gm: GraphModule, ctx: PassContext) -> GraphModule:
         scatter.replace_all_uses_with(full)
         graph.erase_node(scatter)
         fused += 1
-    if fused:
-        graph.lint()
-        gm.recompile()
-        logging.getLogger("sigec.passes").debug("fused %d scatter-gather pair(s)", fused)
-    return gm
+    return finish_rewrite(gm, fused, "fused scatter-gather pair(s)")

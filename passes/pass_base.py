@@ -72,6 +72,15 @@ class UserInputError(ValueError):
     """A problem with what the user gave (model inputs, settings); passes it through unwrapped."""
 
 
+def finish_rewrite(gm: GraphModule, count: int, what: str) -> GraphModule:
+    """End of a rewriting pass: when it changed anything, lint, recompile and log the count."""
+    if count:
+        gm.graph.lint()
+        gm.recompile()
+        log.debug("%s: %d", what, count)
+    return gm
+
+
 def check_order(passes: Sequence[PassFn]) -> None:
     """Every key a pass requires is provided by an earlier pass."""
     available: set[str] = set()

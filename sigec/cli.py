@@ -3,10 +3,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Optional, Sequence
 
-import sigec
+# Timings on a shared machine: busy-waiting OpenMP threads turn contention into 10-50x slowdowns
+# of small kernels. Must be set before torch loads its OpenMP runtime; a user's value wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import sigec  # noqa: E402
 
 
 def _positive_int(text: str) -> int:
