@@ -17,7 +17,7 @@ from torch.fx import GraphModule, Node
 from sigec import meta_keys as K
 from sigec.passes.op_table import OpKind, lookup
 from sigec.passes.pass_base import PassContext, UserInputError, sigec_pass
-from sigec.plan import SpatialInfo, SpatialKind
+from sigec.plan import NCHW, NHWC, SpatialInfo, SpatialKind
 
 
 class SpatialInputError(UserInputError):
@@ -39,6 +39,31 @@ def _same_aspect(v: torch.Tensor, res: tuple[int, int]) -> bool:
     """Images keep the input's aspect ratio (within padding); token views (N, heads, H*W, d) do not."""
     ratio = (int(v.shape[-2]) * res[1]) / (int(v.shape[-1]) * res[0])
     return 0.8 <= ratio <= 1.25
+
+
+def _image_info(node: Node, v: Optional[torch.Tensor], res: tuple[int, int]) -> Optional[SpatialInfo]:
+    """Image info of a tainted value, or ``None`` when it is not image-like.
+
+    Channels-last (NHWC) values are recognised only where a layout is known to flow: a
+    ``permute(0, 2, 3, 1)`` of an NCHW image, and ops over NHWC images that keep H and W in place.
+    """
+    if v is None or v.dim() != 4:
+        return None
+    images = [n.meta[K.SPATIAL] for n in node.all_input_nodes if n.meta[K.SPATIAL].kind is SpatialKind.IMAGE]
+    if node.op == "call_function" and node.target == torch.ops.aten.permute.default and images:
+        dims = tuple(int(d) % 4 for d in node.args[1])
+        layout = {(NCHW, (0, 2, 3, 1)): NHWC, (NHWC, (0, 3, 1, 2)): NCHW}.get((images[0].layout, dims))
+        if layout is not None:
+            return SpatialInfo(SpatialKind.IMAGE, images[0].resolution, layout)
+    if any(i.layout == NHWC for i in images):
+        nhwc = SpatialInfo(SpatialKind.IMAGE, None, NHWC)
+        hw = nhwc.spatial_shape(v.shape)
+        if any(i.layout == NHWC and i.resolution == hw for i in images):
+            return SpatialInfo(SpatialKind.IMAGE, hw, NHWC)
+        return None
+    if _is_image_shaped(v) and _same_aspect(v, res):
+        return SpatialInfo(SpatialKind.IMAGE, (int(v.shape[-2]), int(v.shape[-1])))
+    return None
 
 
 def _spatial_placeholders(gm: GraphModule, ctx: PassContext) -> list[Node]:
@@ -79,10 +104,8 @@ def classify_spatial(gm: GraphModule, ctx: PassContext) -> GraphModule:
         v = _tensor_val(node)
         if not tainted:
             info = SpatialInfo(SpatialKind.STATIC)
-        elif _is_image_shaped(v) and _same_aspect(v, ctx.input_resolution):
-            info = SpatialInfo(SpatialKind.IMAGE, (int(v.shape[-2]), int(v.shape[-1])))
         else:
-            info = SpatialInfo(SpatialKind.DERIVED)
+            info = _image_info(node, v, ctx.input_resolution) or SpatialInfo(SpatialKind.DERIVED)
         node.meta[K.SPATIAL] = info
         if node.op != "call_function" or not tainted:
             continue
@@ -111,7 +134,9 @@ def _operands_unsupported(node: Node, rule, info: SpatialInfo) -> Optional[str]:
             return "depends on a spatial value through a non-spatial argument"
     if rule.kind is OpKind.LOCAL:
         src = node.args[0].meta[K.SPATIAL]
-        return None if src.kind is SpatialKind.IMAGE else "input is not image-like"
+        if src.kind is not SpatialKind.IMAGE:
+            return "input is not image-like"
+        return None if src.layout == NCHW else "channels-last input to a spatial op"
     for op in operands:
         s = op.meta[K.SPATIAL]
         if rule.spatial_args is not None and not s.tainted:
@@ -125,7 +150,10 @@ def _operands_unsupported(node: Node, rule, info: SpatialInfo) -> Optional[str]:
             v = _tensor_val(op)
             if v is None or v.dim() == 0:
                 continue
-            hw = tuple(int(d) for d in ([1, 1] + list(v.shape))[-2:])
+            padded = [1] * (4 - v.dim()) + list(v.shape)
+            hw = info.spatial_shape(padded) if v.dim() <= 4 else (0, 0)
+            if info.layout == NHWC and hw != (1, 1):
+                return f"operand {op.name} of shape {tuple(v.shape)} varies over space in a channels-last value"
             if hw != (1, 1) and not (v.dim() == 4 and hw == info.resolution):
                 return f"operand {op.name} of shape {tuple(v.shape)} varies over space in a way blocks cannot follow"
     return None

@@ -30,6 +30,7 @@ from typing import Callable, Optional
 import torch
 from torch.fx import Node
 
+from sigec import meta_keys as K
 from sigec.runtime import masks as M
 
 aten = torch.ops.aten
@@ -337,15 +338,43 @@ def _eval_batch_norm(node: Node) -> Optional[str]:
     return "batch_norm in training mode" if arg(node, 5, "training", False) else None
 
 
+def _layout_of(node) -> Optional[object]:
+    info = node.meta.get(K.SPATIAL) if isinstance(node, Node) else None
+    return info if info is not None and info.kind.value == "image" else None
+
+
 def _dim_is_channel(index: int, name: str, default):
+    """The op works along ``dim`` only, and ``dim`` is the channel dimension of its image input."""
     def check(node: Node) -> Optional[str]:
         dim = arg(node, index, name, default)
-        v = _val(node.args[0] if not isinstance(node.args[0], (list, tuple)) else node.args[0][0])
-        ndim = v.dim() if v is not None else 4
+        first = node.args[0][0] if isinstance(node.args[0], (list, tuple)) else node.args[0]
+        info = _layout_of(first)
+        v = _val(first)
+        if info is None or v is None or v.dim() != 4:
+            return "input is not a 4-D image"
         dims = dim if isinstance(dim, (list, tuple)) else [dim]
-        if ndim == 4 and dims and all(d is not None and d % 4 == 1 for d in dims):
+        if dims and all(d is not None and d % 4 == info.channel_dim for d in dims):
             return None
         return "operates across spatial dimensions"
+    return check
+
+
+def _permute_supports(node: Node) -> Optional[str]:
+    info = _layout_of(node.args[0])
+    dims = tuple(int(d) % 4 for d in node.args[1])
+    wanted = (0, 2, 3, 1) if info is not None and info.layout == "nchw" else (0, 3, 1, 2)
+    return None if dims == wanted else "permutes spatial dimensions"
+
+
+def _channels_last_only(what: str):
+    """layer_norm / linear act on the last dimension: per pixel only when channels are last."""
+    def check(node: Node) -> Optional[str]:
+        info = _layout_of(node.args[0])
+        if info is None or info.layout != "nhwc":
+            return f"{what} over the last dimension of an NCHW image mixes pixels (width)"
+        if node.target == aten.layer_norm.default and len(node.args[1]) != 1:
+            return "layer_norm over spatial dimensions"
+        return None
     return check
 
 
@@ -399,6 +428,9 @@ _TABLE: dict = {
     aten.mean.dim: OpRule(OpKind.CHANNELWISE, _dim_is_channel(1, "dim", None), spatial_args=(0,)),
     aten.sum.dim_IntList: OpRule(OpKind.CHANNELWISE, _dim_is_channel(1, "dim", None), spatial_args=(0,)),
     aten.amax.default: OpRule(OpKind.CHANNELWISE, _dim_is_channel(1, "dim", None), spatial_args=(0,)),
+    aten.permute.default: OpRule(OpKind.CHANNELWISE, _permute_supports, spatial_args=(0,)),
+    aten.layer_norm.default: OpRule(OpKind.CHANNELWISE, _channels_last_only("layer_norm"), spatial_args=(0,)),
+    aten.linear.default: OpRule(OpKind.CHANNELWISE, _channels_last_only("linear"), spatial_args=(0,)),
     aten.group_norm.default: OpRule(OpKind.NORM, _group_norm_supports, spatial_args=(0,)),
     aten.instance_norm.default: OpRule(OpKind.NORM, _instance_norm_supports, spatial_args=(0,)),
     operator.getitem: OpRule(OpKind.PROJECTION, spatial_args=(0,)),

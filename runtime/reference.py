@@ -22,7 +22,7 @@ from torch.fx.node import map_arg
 from sigec import meta_keys as K
 from sigec.codegen.incremental import needs_select
 from sigec.passes.op_table import OpKind, norm_args, num_groups
-from sigec.plan import DecisionKind, SpatialKind
+from sigec.plan import NHWC, DecisionKind, SpatialKind
 from sigec.runtime import masks as M
 
 
@@ -96,13 +96,18 @@ class ReferenceRuntime:
                 mask, block = node.meta[K.MASK], node.meta[K.GRID]
                 res = node.meta[K.SPATIAL].resolution
                 pixels = M.blocks_to_pixels(M.active_blocks(masks[mask], block), block, res)
-                value = torch.where(pixels[None, None], value, self.recorded[node])
+                value = torch.where(_broadcastable(pixels, node), value, self.recorded[node])
             elif needs_select(node):
-                value = torch.where(masks[node.meta[K.MASK]][None, None], value, self.recorded[node])
+                value = torch.where(_broadcastable(masks[node.meta[K.MASK]], node), value, self.recorded[node])
             return value
 
         with torch.no_grad():
             return self._execute(flat_inputs, step)
+
+
+def _broadcastable(pixels: torch.Tensor, node: Node) -> torch.Tensor:
+    """An H x W map shaped to broadcast over the node's layout."""
+    return pixels[None, :, :, None] if node.meta[K.SPATIAL].layout == NHWC else pixels[None, None]
 
 
 def _fetch(gm: GraphModule, target: str):

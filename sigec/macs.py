@@ -6,6 +6,8 @@ import math
 import torch
 from torch.fx import Node
 
+from sigec import meta_keys as K
+
 aten = torch.ops.aten
 
 
@@ -55,6 +57,10 @@ def node_macs(node: Node) -> int:
 
 
 def macs_per_output_pixel(node: Node) -> float:
-    """MACs per output pixel (all channels and samples) of a node on an image."""
+    """MACs per output pixel (all channels and samples) of a node on an image, in its layout."""
     shape = _shape(node)
-    return node_macs(node) / (shape[-2] * shape[-1]) if len(shape) == 4 else 0.0
+    info = node.meta.get(K.SPATIAL)
+    if len(shape) != 4 or info is None or info.resolution is None:
+        return 0.0
+    h, w = info.spatial_shape(shape)
+    return node_macs(node) / (h * w)

@@ -14,14 +14,28 @@ class SpatialKind(enum.Enum):
     STATIC = "static"    #: does not depend on any spatial input (weights, timestep embeddings)
 
 
+#: Memory layouts an image value can have: channels at dim 1, or last (after a permute, as
+#: around a channels-last LayerNorm).
+NCHW, NHWC = "nchw", "nhwc"
+
+
 @dataclasses.dataclass(frozen=True)
 class SpatialInfo:
     kind: SpatialKind
     resolution: Optional[tuple[int, int]] = None
+    layout: str = NCHW
 
     @property
     def tainted(self) -> bool:
         return self.kind is not SpatialKind.STATIC
+
+    @property
+    def channel_dim(self) -> int:
+        return 1 if self.layout == NCHW else 3
+
+    def spatial_shape(self, shape) -> tuple[int, int]:
+        """(H, W) of a tensor shape in this layout."""
+        return (int(shape[2]), int(shape[3])) if self.layout == NCHW else (int(shape[1]), int(shape[2]))
 
 
 class DecisionKind(enum.Enum):

@@ -50,6 +50,9 @@ class RandomNet(nn.Module):
                 bn.bias.data.normal_(0, 0.2)
                 self.mods.append(bn)
                 chans.append(chans[-1])
+            elif layer.kind == "channels_last":
+                self.mods.append(nn.Sequential(nn.LayerNorm(chans[-1]), nn.Linear(chans[-1], chans[-1])))
+                chans.append(chans[-1])
             elif layer.kind == "cat":
                 self.mods.append(nn.Identity())
                 chans.append(chans[-1] + chans[layer.params[0]])
@@ -65,6 +68,8 @@ class RandomNet(nn.Module):
             kind, p = layer.kind, layer.params
             if kind in ("conv", "bn"):
                 h = mod(h)
+            elif kind == "channels_last":  # LayerNorm + Linear per pixel, ConvNeXt style
+                h = mod(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
             elif kind == "act":
                 h = _act(p[0], h)
             elif kind == "affine":
@@ -96,7 +101,7 @@ def random_nets(draw, max_layers: int = 6):
     layers: list[Layer] = []
     for _ in range(draw(st.integers(1, max_layers))):
         ch, res = shapes[-1]
-        options = ["conv", "conv", "act", "affine", "bn"]
+        options = ["conv", "conv", "act", "affine", "bn", "channels_last"]
         same = [i for i, (c2, r2) in enumerate(shapes[:-1]) if r2 == res]
         if [i for i in same if shapes[i][0] == ch]:
             options.append("add")
@@ -127,8 +132,8 @@ def random_nets(draw, max_layers: int = 6):
         elif kind == "affine":
             layers.append(Layer("affine", (draw(st.floats(-2, 2)), draw(st.floats(-1, 1)))))
             shapes.append((ch, res))
-        elif kind == "bn":
-            layers.append(Layer("bn"))
+        elif kind in ("bn", "channels_last"):
+            layers.append(Layer(kind))
             shapes.append((ch, res))
         elif kind == "add":
             idx = draw(st.sampled_from([i for i in same if shapes[i][0] == ch]))
@@ -152,7 +157,7 @@ def random_nets(draw, max_layers: int = 6):
     seed = draw(st.integers(0, 2 ** 16))
     torch.manual_seed(seed)
     model = RandomNet(layers, c).eval()
-    x = torch.randn(1, c, size, size)
+    x = torch.randn(draw(st.sampled_from([1, 1, 2])), c, size, size)
     return model, x
 
 

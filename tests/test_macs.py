@@ -115,7 +115,8 @@ def assert_close_count(reported: int, counted: int, what: str) -> None:
 
 class SmallConvNet(nn.Module):
     """Encoder-decoder with the ops sigec must handle: strided conv, group norm, SiLU,
-    nearest up-sampling, a skip concatenation, 1x1 convs and a residual add."""
+    nearest up-sampling, a skip concatenation, 1x1 convs, a residual add and a channels-last
+    LayerNorm + Linear block (ConvNeXt style)."""
 
     def __init__(self, c: int = 16):
         super().__init__()
@@ -126,6 +127,8 @@ class SmallConvNet(nn.Module):
         self.mid = nn.Conv2d(2 * c, 2 * c, 3, padding=1)
         self.up = nn.Conv2d(2 * c, c, 3, padding=1)
         self.fuse = nn.Conv2d(2 * c, c, 1)
+        self.ln = nn.LayerNorm(c)
+        self.pw = nn.Linear(c, c)
         self.out = nn.Conv2d(c, 3, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -135,6 +138,7 @@ class SmallConvNet(nn.Module):
         h = h + self.mid(F.silu(self.norm2(h)))
         h = self.up(F.interpolate(h, scale_factor=2.0, mode="nearest"))
         h = self.fuse(torch.cat([h, skip], dim=1)) + skip
+        h = h + self.pw(self.ln(h.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
         return self.out(F.silu(h))
 
 

@@ -25,7 +25,7 @@ from torch.fx.node import map_arg
 
 from sigec import meta_keys as K
 from sigec.passes.op_table import OpKind, norm_args
-from sigec.plan import DecisionKind, SpatialKind
+from sigec.plan import NCHW, NHWC, DecisionKind, SpatialKind
 from sigec.runtime import masks as M
 
 aten = torch.ops.aten
@@ -126,14 +126,23 @@ class _Emitter:
         """Map an old-graph argument to its plain new-graph value (full for images)."""
         return map_arg(a, lambda n: self.full_of(n) if n in self.reps else n)
 
+    def _permute(self, value: Node, to_layout: str, origin: Node) -> Node:
+        dims = [0, 2, 3, 1] if to_layout == NHWC else [0, 3, 1, 2]
+        return self.call(aten.permute.default, (value, dims), origin=origin)
+
     def full_of(self, node: Node) -> Node:
         rep = self.reps[node]
         if rep.form != "blocks":
             return rep.node
         if node not in self._full:
-            self._full[node] = self.call(
-                sigec_ops.scatter.default,
-                (rep.node, self.cache(node), self.indices(rep.mask, rep.block), list(rep.block)), origin=node)
+            # the sigec ops work in NCHW; channels-last values are permuted around them
+            nhwc = node.meta[K.SPATIAL].layout == NHWC
+            blocks, base = rep.node, self.cache(node)
+            if nhwc:
+                blocks, base = self._permute(blocks, NCHW, node), self._permute(base, NCHW, node)
+            full = self.call(sigec_ops.scatter.default,
+                             (blocks, base, self.indices(rep.mask, rep.block), list(rep.block)), origin=node)
+            self._full[node] = self._permute(full, NHWC, node) if nhwc else full
         return self._full[node]
 
     def gather(self, full: Node, mask, block, spec=None, prologue=(None, None, "none", 0.0), origin=None) -> Node:
@@ -151,7 +160,11 @@ class _Emitter:
             return rep.node
         key = (node, mask, tuple(block))
         if key not in self._blocks:
-            self._blocks[key] = self.gather(self.full_of(node), mask, block, origin=node)
+            if node.meta[K.SPATIAL].layout == NHWC:
+                full = self._permute(self.full_of(node), NCHW, node)
+                self._blocks[key] = self._permute(self.gather(full, mask, block, origin=node), NHWC, node)
+            else:
+                self._blocks[key] = self.gather(self.full_of(node), mask, block, origin=node)
         return self._blocks[key]
 
     def norm_params(self, norm: Node) -> tuple[Node, Node]:
@@ -195,6 +208,8 @@ class _Emitter:
         new = self.call(node.target, self.new(node.args), self.new(node.kwargs), node)
         if needs_select(node):
             mask = self.pixel_mask(node.meta[K.MASK])
+            if node.meta[K.SPATIAL].layout == NHWC:
+                mask = self._permute(mask, NHWC, node)
             new = self.call(aten.where.self, (mask, new, self.cache(node)), origin=node)
         self.reps[node] = _Rep(new, "full" if _is_image(node) else "plain")
 

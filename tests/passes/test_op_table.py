@@ -41,7 +41,19 @@ CASES = {
     "channel_slice_cat": lambda: One(lambda x: torch.cat([x[:, :2] * 2, torch.relu(x[:, 2:])], 1)),
     "channel_mean": lambda: One(lambda x: x - x.mean(dim=1, keepdim=True)),
     "chunk": lambda: One(lambda x: x.chunk(2, dim=1)[0] * x.chunk(2, dim=1)[1]),
+    "channels_last_layer_norm_linear": lambda: ChannelsLast(),
 }
+
+
+class ChannelsLast(nn.Module):
+    """ConvNeXt-style: per-pixel LayerNorm and Linear on a channels-last view."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.fc = nn.LayerNorm(4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        return x + self.fc(F.gelu(self.norm(x.permute(0, 2, 3, 1)))).permute(0, 3, 1, 2)
 
 
 @pytest.mark.parametrize("block", [3, 4])
@@ -75,6 +87,12 @@ def test_table_is_consistent():
     for target in op_table.known_targets():
         rule = lookup(target)
         assert (rule.kind is OpKind.LOCAL) == (rule.local is not None), target
+
+
+def test_layer_norm_over_an_nchw_width_is_a_fallback():
+    model = One(lambda x: F.layer_norm(x, (x.shape[-1],)))
+    engine = sigec.compile(nn.Sequential(nn.Conv2d(2, 2, 1), model).eval(), (torch.randn(1, 2, 8, 8),))
+    assert "mixes pixels" in engine.report().fallbacks()["layer_norm"]
 
 
 def test_unsupported_variants_fall_back_with_reasons():
