@@ -29,6 +29,9 @@ def compile(model: torch.nn.Module, example_args, example_kwargs: Optional[dict]
         cache_budget_bytes: memory budget of the recorded slots (``None``: unbounded).
         on_cache_full: ``"evict"`` the least recently used slot, or ``"raise"``.
     """
+    if example_kwargs and "mask" in example_kwargs:
+        raise ValueError("the model takes a keyword input named 'mask', which is the engine's own edit-mask "
+                         "argument; pass the model's mask positionally in example_args (and in calls)")
     settings = CompileSettings(policy=policy, eps=eps, dilation=dilation, threshold=threshold,
                                block_size=block_size, expected_active_fraction=expected_active_fraction,
                                spatial_inputs=tuple(spatial_inputs) if spatial_inputs is not None else None)

@@ -153,6 +153,15 @@ def test_capture_error_names_the_construct():
     assert "test_engine.py" in msg and "if x.sum() > 0" in msg and "torch.cond" in msg
 
 
+def test_model_keyword_named_mask_is_refused():
+    class Masked(nn.Module):
+        def forward(self, x, mask):
+            return x * mask
+
+    with pytest.raises(ValueError, match="engine's own edit-mask"):
+        sigec.compile(Masked(), (torch.randn(1, 1, 4, 4),), {"mask": torch.ones(1, 1, 4, 4)})
+
+
 def test_settings_are_validated():
     with pytest.raises(ValueError, match="policy"):
         sigec.compile(nn.Conv2d(1, 1, 1), (torch.randn(1, 1, 4, 4),), policy="fast")
