@@ -13,7 +13,6 @@ import logging
 import time
 from typing import Callable, Optional, Sequence
 
-import torch
 from torch.fx import GraphModule
 
 from sigec.settings import CompileSettings

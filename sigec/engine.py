@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Hashable, Optional
+from typing import TYPE_CHECKING, Any, Hashable, Optional
 
 import torch
 from torch.fx import GraphModule
@@ -15,6 +15,9 @@ from sigec.codegen.incremental import VALUE, IncrementalSignature
 from sigec.passes.pass_base import PassContext
 from sigec.runtime import masks as M
 from sigec.runtime.cache import Slot, SlotStore, fingerprint
+
+if TYPE_CHECKING:
+    from sigec.report import Report
 
 log = logging.getLogger("sigec")
 

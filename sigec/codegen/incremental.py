@@ -15,6 +15,7 @@ image outputs are taken inside their mask (``where(mask, new, recorded)``).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import operator
 from typing import Optional
@@ -73,8 +74,9 @@ def _is_image(node) -> bool:
 
 class _Emitter:
     def __init__(self, gm: GraphModule, batch: int):
-        self.src = gm
         self.batch = batch
+        self.by_name = {n.name: n for n in gm.graph.nodes}
+        self.slot_constants = slot_constants(gm)
         self.g = Graph()
         self.reps: dict[Node, _Rep] = {}
         self.sig = IncrementalSignature(0)
@@ -87,7 +89,7 @@ class _Emitter:
 
     # -- inputs -----------------------------------------------------------------------------
     def _placeholder(self, name: str, like: Optional[Node] = None) -> Node:
-        with self.g.inserting_after(self._last_ph) if self._last_ph is not None else _nullcontext():
+        with self.g.inserting_after(self._last_ph) if self._last_ph is not None else contextlib.nullcontext():
             ph = self.g.placeholder(name)
         if like is not None and "val" in like.meta:
             ph.meta["val"] = like.meta["val"]
@@ -114,6 +116,15 @@ class _Emitter:
             self.sig.pixel_masks.append(mask)
             self._mask_ph[mask] = self._placeholder(f"mask_{len(self.sig.pixel_masks) - 1}")
         return self._mask_ph[mask]
+
+    def order_placeholders(self, gm: GraphModule) -> None:
+        """Put the inputs in the signature's order, whatever order they were requested in."""
+        ordered = ([self.reps[n].node for n in gm.graph.nodes if n.op == "placeholder"]
+                   + [self._cache_ph[k] for k in self.sig.caches]
+                   + [self._block_ph[k] for k in self.sig.blocks]
+                   + [self._mask_ph[m] for m in self.sig.pixel_masks])
+        for ph in reversed(ordered):
+            next(iter(self.g.nodes)).prepend(ph)
 
     # -- conversions ------------------------------------------------------------------------
     def call(self, target, args, kwargs=None, origin: Optional[Node] = None) -> Node:
@@ -292,18 +303,10 @@ class _Emitter:
         while done < len(self.sig.caches):  # full_of may request the cache it scatters into
             name, kind = self.sig.caches[done]
             done += 1
-            if kind == VALUE and self._by_name[name].meta[K.SPATIAL].tainted:
+            if kind == VALUE and self.by_name[name].meta[K.SPATIAL].tainted:
                 self.sig.updated.append(name)
-                updated.append(self.full_of(self._by_name[name]))
+                updated.append(self.full_of(self.by_name[name]))
         self.g.output(tuple(outs + updated))
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def needs_select(node: Node) -> bool:
@@ -335,16 +338,9 @@ def slot_constants(gm: GraphModule) -> set:
 def emit_incremental(gm: GraphModule, batch: int) -> tuple[GraphModule, IncrementalSignature]:
     """The incremental GraphModule of an analysed graph (all analysis passes must have run)."""
     em = _Emitter(gm, batch)
-    em.slot_constants = slot_constants(gm)
-    em._by_name = {n.name: n for n in gm.graph.nodes}
     for node in gm.graph.nodes:
         em.emit(node)
-    ordered = ([em.reps[n].node for n in gm.graph.nodes if n.op == "placeholder"]
-               + [em._cache_ph[k] for k in em.sig.caches]
-               + [em._block_ph[k] for k in em.sig.blocks]
-               + [em._mask_ph[m] for m in em.sig.pixel_masks])
-    for ph in reversed(ordered):  # the signature's order, whatever order they were requested in
-        next(iter(em.g.nodes)).prepend(ph)
+    em.order_placeholders(gm)
     em.g.eliminate_dead_code()
     em.g.lint()
     out = GraphModule(gm, em.g, class_name="SigecIncremental")

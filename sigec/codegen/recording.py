@@ -11,7 +11,7 @@ import operator
 import torch
 from torch.fx import Graph, GraphModule
 
-from sigec.codegen.incremental import NORM_SCALE, NORM_SHIFT, VALUE, IncrementalSignature
+from sigec.codegen.incremental import NORM_SCALE, VALUE, IncrementalSignature
 from sigec.passes.op_table import norm_args, num_groups
 
 
