@@ -71,7 +71,7 @@ def measure_fraction(engine, model, x: torch.Tensor, t: torch.Tensor, fraction: 
                      timing: bool, repeats: int) -> dict:
     """MACs, quality and (optionally) timings of one elliptical edit of ``fraction`` of the image."""
     h, w = x.shape[-2:]
-    mask = ellipse_mask(h, w, fraction, seed=0)
+    mask = ellipse_mask(h, w, fraction)
     # The edit replaces the masked region with other noise; nothing outside it changes.
     x_edit = torch.where(mask, seeded_randn(tuple(x.shape), SEED_EDIT), x)
 

@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import sigec
+from sigec.edits import ellipse_mask as _ellipse
 from sigec.models import ddpm_unet
 
 log = logging.getLogger("sigec.demo")
@@ -60,35 +61,9 @@ def synthetic_image(size: int = SIZE, seed: int = 0) -> torch.Tensor:
     return (img[None] + NOISE_STD * noise).clamp(-1.0, 1.0)
 
 
-def ellipse_mask(size: int, fraction: float, centre: tuple[float, float] = (0.45, 0.58),
-                 aspect: float = 1.8, angle_deg: float = 25.0) -> torch.Tensor:
-    """An ``(size, size)`` bool mask of a rotated ellipse covering about ``fraction`` of the pixels.
-
-    The ellipse is scaled by bisection on its rasterised area, so the fraction stays right even
-    when a large ellipse gets clipped by the image border.
-    """
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"edit fraction must be in (0, 1], got {fraction}")
-    ys, xs = torch.meshgrid(torch.arange(size, dtype=torch.float64) + 0.5,
-                            torch.arange(size, dtype=torch.float64) + 0.5, indexing="ij")
-    cy, cx = centre[1] * size, centre[0] * size
-    a = math.radians(angle_deg)
-    u = (xs - cx) * math.cos(a) + (ys - cy) * math.sin(a)
-    v = -(xs - cx) * math.sin(a) + (ys - cy) * math.cos(a)
-    radius2 = (u / aspect) ** 2 + v ** 2       # ellipse "radius" of every pixel, squared
-
-    def mask_for(r: float) -> torch.Tensor:
-        return radius2 <= r * r
-
-    target = max(1, round(fraction * size * size))
-    lo, hi = 0.0, 4.0 * size                   # hi covers the whole image for any angle/aspect
-    for _ in range(60):
-        mid = 0.5 * (lo + hi)
-        if int(mask_for(mid).sum()) < target:
-            lo = mid
-        else:
-            hi = mid
-    return mask_for(hi)
+def ellipse_mask(size: int, fraction: float) -> torch.Tensor:
+    """The demo's edit: a tilted ellipse over about ``fraction`` of a ``size x size`` image."""
+    return _ellipse(size, size, fraction, centre=(0.45, 0.58), aspect=1.8, angle_deg=25.0)
 
 
 def paint(x: torch.Tensor, mask: torch.Tensor, colour=EDIT_COLOUR, seed: int = 0) -> torch.Tensor:

@@ -25,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sigec
+from sigec.edits import ellipse_mask
 
 aten = torch.ops.aten
 TOLERANCE = 0.05
@@ -82,15 +83,6 @@ def count_macs(fn, *args) -> tuple[int, set[str], object]:
     known = set(flop_registry) | set(_CPU_SDPA)
     uncounted = {str(op) for op in log.ops if op not in known and _uncounted(op)}
     return counter.get_total_flops() // 2, uncounted, result
-
-
-def ellipse(h: int, w: int, fraction: float) -> torch.Tensor:
-    """An off-centre ellipse (aspect 1.5) covering about ``fraction`` of an ``h x w`` image."""
-    ry = math.sqrt(fraction * h * w / (1.5 * math.pi))
-    cy, cx = 0.38 * h, 0.6 * w
-    ys = torch.arange(h, dtype=torch.float64)[:, None] + 0.5
-    xs = torch.arange(w, dtype=torch.float64)[None, :] + 0.5
-    return ((ys - cy) / ry) ** 2 + ((xs - cx) / (1.5 * ry)) ** 2 <= 1.0
 
 
 def incremental_inputs(engine, flat: list, mask: torch.Tensor) -> list:
@@ -165,7 +157,7 @@ def _unet_case() -> dict:
     x = torch.randn(1, 3, 64, 64, generator=g)
     t = torch.tensor([500])
     engine = sigec.compile(model, (x, t), policy="sige")
-    mask = ellipse(64, 64, MASK_FRACTION)
+    mask = ellipse_mask(64, 64, MASK_FRACTION, centre=(0.6, 0.38))
     x_edit = torch.where(mask, torch.randn(x.shape, generator=g), x)
     engine(x, t)
     y = engine(x_edit, t, mask=mask).sample
@@ -181,7 +173,7 @@ def _conv_case(policy: str) -> dict:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(1, 3, 64, 64, generator=g)
     engine = sigec.compile(model, (x,), policy=policy)
-    mask = ellipse(64, 64, MASK_FRACTION)
+    mask = ellipse_mask(64, 64, MASK_FRACTION, centre=(0.6, 0.38))
     x_edit = torch.where(mask, torch.randn(x.shape, generator=g), x)
     engine(x)
     y = engine(x_edit, mask=mask)
@@ -202,7 +194,7 @@ def case(request) -> dict:
 
 
 def test_mask_is_about_five_percent():
-    frac = float(ellipse(64, 64, MASK_FRACTION).float().mean())
+    frac = float(ellipse_mask(64, 64, MASK_FRACTION, centre=(0.6, 0.38)).float().mean())
     assert abs(frac - MASK_FRACTION) < 0.005
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import sigec
+from sigec.edits import ellipse_mask
 from sigec.models import ddpm_unet, label_map, spade_generator
 from sigec.runtime import ReferenceRuntime
 
@@ -17,12 +18,6 @@ def psnr(a: torch.Tensor, ref: torch.Tensor) -> float:
     mse = torch.mean((a - ref) ** 2)
     peak = (ref.max() - ref.min()) ** 2
     return float("inf") if mse == 0 else float(10 * torch.log10(peak / mse))
-
-
-def ellipse(size: int, fraction: float) -> torch.Tensor:
-    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    r = (fraction * size * size / 3.1416 / 1.5) ** 0.5
-    return ((yy - size * 0.4) / r) ** 2 + ((xx - size * 0.55) / (1.5 * r)) ** 2 <= 1
 
 
 def _check(name, engine, model_fn, args, edited_args, mask, out_of=lambda o: o, min_psnr=20.0):
@@ -48,7 +43,7 @@ def test_ddpm_unet_church_structure():
     model = ddpm_unet("church-small")
     x, t = torch.randn(1, 3, 64, 64), torch.tensor([500])
     engine = sigec.compile(model, (x, t))
-    mask = ellipse(64, 0.05)
+    mask = ellipse_mask(64, 64, 0.05)
     x2 = torch.where(mask, torch.randn_like(x), x)
     _check("UNet2DModel (church-256 structure)", engine, model, (x, t), (x2, t), mask, lambda o: o.sample)
     assert any(n.op.startswith("aten.scaled_dot_product_attention") for n in engine.report().nodes
@@ -64,7 +59,7 @@ def test_autoencoder_kl_decoder():
                         layers_per_block=1).eval()
     z = torch.randn(1, 4, 32, 32)
     engine = sigec.compile(vae.decoder, (z,))
-    mask = ellipse(32, 0.05)
+    mask = ellipse_mask(32, 32, 0.05)
     z2 = torch.where(mask, torch.randn_like(z), z)
     _check("AutoencoderKL decoder", engine, vae.decoder, (z,), (z2,), mask)
 
@@ -74,7 +69,7 @@ def test_spade_generator(policy):
     model = spade_generator()
     seg = label_map(8, 128)
     engine = sigec.compile(model, (seg,), policy=policy)
-    mask = ellipse(128, 0.05)
+    mask = ellipse_mask(128, 128, 0.05)
     seg2 = seg.clone()
     seg2[:, :, mask] = 0
     seg2[:, 3, mask] = 1
