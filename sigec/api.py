@@ -13,7 +13,8 @@ from sigec.runtime.cache import SlotStore
 from sigec.settings import BlockSize, CompileSettings
 
 
-def compile(model: torch.nn.Module, example_args, example_kwargs: Optional[dict] = None, *,
+def compile(model: "torch.nn.Module | torch.export.ExportedProgram", example_args=None,
+            example_kwargs: Optional[dict] = None, *,
             policy: str = "sige", eps: float = 1e-6, dilation: int = 1, threshold: float = 0.0,
             block_size: BlockSize = None, expected_active_fraction: float = 0.15,
             spatial_inputs=None, cache_budget_bytes: Optional[int] = None,
@@ -21,8 +22,10 @@ def compile(model: torch.nn.Module, example_args, example_kwargs: Optional[dict]
     """Compile ``model`` into an incremental ``Engine``.
 
     Args:
-        model: any ``nn.Module`` that ``torch.export`` can capture (put it in eval mode).
-        example_args: positional example inputs (a tensor or a tuple).
+        model: any ``nn.Module`` that ``torch.export`` can capture (put it in eval mode), or an
+            ``ExportedProgram`` (for example from ``torch.export.load("model.pt2")``).
+        example_args: positional example inputs (a tensor or a tuple); optional for an
+            ``ExportedProgram``, which carries its own.
         example_kwargs: keyword example inputs.
         policy, eps, dilation, threshold, block_size, expected_active_fraction, spatial_inputs:
             see ``sigec.settings.CompileSettings``.
@@ -35,8 +38,9 @@ def compile(model: torch.nn.Module, example_args, example_kwargs: Optional[dict]
     settings = CompileSettings(policy=policy, eps=eps, dilation=dilation, threshold=threshold,
                                block_size=block_size, expected_active_fraction=expected_active_fraction,
                                spatial_inputs=tuple(spatial_inputs) if spatial_inputs is not None else None)
-    captured = capture(model, example_args if isinstance(example_args, tuple) else (example_args,),
-                       example_kwargs)
+    if example_args is not None and not isinstance(example_args, tuple):
+        example_args = (example_args,)
+    captured = capture(model, example_args, example_kwargs)
     ctx = PassContext(settings)
     gm = run_passes(captured.gm, ctx, ANALYSIS_PASSES)
     incremental, signature = emit_incremental(gm, ctx.batch)

@@ -58,9 +58,20 @@ def _user_frame(exc: BaseException) -> Optional[str]:
     return f"{f.filename}:{f.lineno} in {f.name}: {f.line}"
 
 
-def capture(model: torch.nn.Module, args: tuple, kwargs: Optional[dict] = None) -> Captured:
+def capture(model: "torch.nn.Module | torch.export.ExportedProgram", args: Optional[tuple] = None,
+            kwargs: Optional[dict] = None) -> Captured:
+    """Capture ``model`` with its example inputs; an ``ExportedProgram`` (say, loaded from a
+    ``.pt2`` file) is used as it is, with its own example inputs unless others are given."""
+    if isinstance(model, torch.export.ExportedProgram):
+        if args is None:
+            if model.example_inputs is None:
+                raise CaptureError("the exported program carries no example inputs; pass example_args")
+            args, kwargs = model.example_inputs
+        return _from_exported(model, tuple(args), dict(kwargs or {}))
     if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"sigec.compile expects a torch.nn.Module, got {type(model).__name__}")
+        raise TypeError(f"sigec.compile expects a torch.nn.Module or an ExportedProgram, got {type(model).__name__}")
+    if args is None:
+        raise TypeError("sigec.compile needs example inputs for a module: compile(model, example_args)")
     if not isinstance(args, tuple):
         args = (args,)
     kwargs = dict(kwargs or {})
@@ -78,6 +89,10 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: Optional[dict] = None) 
             msg += f"\n  failing construct: {where}"
         msg += f"\n  fix: {hint}"
         raise CaptureError(msg) from exc
+    return _from_exported(ep, args, kwargs)
+
+
+def _from_exported(ep: torch.export.ExportedProgram, args: tuple, kwargs: dict) -> Captured:
     gm = ep.module()
     for node in list(gm.graph.nodes):  # input guards are re-checked by the engine itself
         if node.op == "call_module" and not node.users:
