@@ -42,6 +42,8 @@ class Slot:
     caches: list
     outputs: list
     nonspatial_fingerprint: str
+    #: ``(data_ptr, version)`` of every watched parameter and buffer when the slot was recorded
+    state_versions: tuple = ()
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.spatial_inputs + self.caches + self.outputs

@@ -18,7 +18,7 @@ def compile(model: "torch.nn.Module | torch.export.ExportedProgram", example_arg
             policy: str = "sige", eps: float = 1e-6, dilation: int = 1, threshold: float = 0.0,
             block_size: BlockSize = None, expected_active_fraction: float = 0.15,
             spatial_inputs=None, cache_budget_bytes: Optional[int] = None,
-            on_cache_full: str = "evict") -> Engine:
+            on_cache_full: str = "evict", on_stale: str = "rerecord") -> Engine:
     """Compile ``model`` into an incremental ``Engine``.
 
     Args:
@@ -31,6 +31,8 @@ def compile(model: "torch.nn.Module | torch.export.ExportedProgram", example_arg
             see ``sigec.settings.CompileSettings``.
         cache_budget_bytes: memory budget of the recorded slots (``None``: unbounded).
         on_cache_full: ``"evict"`` the least recently used slot, or ``"raise"``.
+        on_stale: when parameters or buffers change in place after a slot was recorded:
+            ``"rerecord"`` (drop every slot; the call records again) or ``"raise"``.
     """
     if example_kwargs and "mask" in example_kwargs:
         raise ValueError("the model takes a keyword input named 'mask', which is the engine's own edit-mask "
@@ -38,6 +40,10 @@ def compile(model: "torch.nn.Module | torch.export.ExportedProgram", example_arg
     settings = CompileSettings(policy=policy, eps=eps, dilation=dilation, threshold=threshold,
                                block_size=block_size, expected_active_fraction=expected_active_fraction,
                                spatial_inputs=tuple(spatial_inputs) if spatial_inputs is not None else None)
+    if isinstance(model, torch.nn.Module) and model.training:
+        raise ValueError(f"{type(model).__name__} is in training mode (dropout and batch norm would not "
+                         "match an eval run, and batch norm would update its statistics): call model.eval() "
+                         "before sigec.compile")
     if example_args is not None and not isinstance(example_args, tuple):
         example_args = (example_args,)
     captured = capture(model, example_args, example_kwargs)
@@ -48,4 +54,5 @@ def compile(model: "torch.nn.Module | torch.export.ExportedProgram", example_arg
     recording = emit_recording(gm, signature)
     store = SlotStore(cache_budget_bytes, on_cache_full)
     return Engine(gm, ctx, recording, incremental, signature, captured.in_spec, captured.out_spec,
-                  captured.input_names, store)
+                  captured.input_names, store, source=model if isinstance(model, torch.nn.Module) else None,
+                  on_stale=on_stale)

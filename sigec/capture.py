@@ -92,7 +92,28 @@ def capture(model: "torch.nn.Module | torch.export.ExportedProgram", args: Optio
     return _from_exported(ep, args, kwargs)
 
 
+def _refuse_in_place(ep: torch.export.ExportedProgram) -> None:
+    """In-place ops are refused: on state they change the model, on values they alias tensors
+    that the incremental graph keeps apart (blocks and full tensors)."""
+    for node in ep.graph.nodes:
+        schema = getattr(node.target, "_schema", None)
+        if node.op != "call_function" or schema is None or not schema.is_mutable:
+            continue
+        written = [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+        trace = (node.meta.get("stack_trace") or "").strip().splitlines()
+        where = f"\n  at {trace[-2].strip()} {trace[-1].strip()}" if len(trace) >= 2 else ""
+        raise CaptureError(f"the model changes a tensor in place ({node.target}, argument {written}, node "
+                           f"{node.name}){where}\n  fix: use the out-of-place form (x = x + y instead of "
+                           "x += y or x.add_(y)); sigec needs every value to be a fresh tensor")
+
+
 def _from_exported(ep: torch.export.ExportedProgram, args: tuple, kwargs: dict) -> Captured:
+    mutated = list(ep.graph_signature.buffers_to_mutate.values())
+    if mutated:
+        raise CaptureError(f"the model changes its own buffers in forward ({mutated[:5]}): a cached run "
+                           "could not reproduce that. Put it in eval mode, or move the state update out "
+                           "of forward")
+    _refuse_in_place(ep)
     gm = ep.module()
     for node in list(gm.graph.nodes):  # input guards are re-checked by the engine itself
         if node.op == "call_module" and not node.users:

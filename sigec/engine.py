@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
+import weakref
+from itertools import chain
 from typing import TYPE_CHECKING, Any, Hashable, Optional
 
 import torch
@@ -44,8 +47,11 @@ class Engine(torch.nn.Module):
 
     def __init__(self, graph_module: GraphModule, ctx: PassContext, recording: GraphModule,
                  incremental: GraphModule, signature: IncrementalSignature, in_spec, out_spec,
-                 input_names: list[str], store: SlotStore):
+                 input_names: list[str], store: SlotStore, source: Optional[torch.nn.Module] = None,
+                 on_stale: str = "rerecord"):
         super().__init__()
+        if on_stale not in ("rerecord", "raise"):
+            raise ValueError(f"on_stale must be 'rerecord' or 'raise', got {on_stale!r}")
         self.graph_module = graph_module
         self.recording = recording
         self.incremental = incremental
@@ -59,6 +65,13 @@ class Engine(torch.nn.Module):
         self._slot_name: Optional[Hashable] = None
         self._pending: Optional[dict] = None
         self.last_stats: Optional[dict] = None
+        self.on_stale = on_stale
+        # (name, tensor, identity) of every parameter and buffer the graphs read; the model's own
+        # objects, so in-place updates show up in their version counters.
+        self._watched = [(name, t, id(t)) for name, t in
+                         chain(graph_module.named_parameters(), graph_module.named_buffers())]
+        self._source = weakref.ref(source) if source is not None else None
+        self._lock = threading.RLock()
 
     # -- slots --------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -74,6 +87,35 @@ class Engine(torch.nn.Module):
         """Forget every recorded slot."""
         self.store.clear()
         self._pending = None
+
+    # -- staleness ----------------------------------------------------------------------------
+    def _state_versions(self) -> tuple:
+        return tuple((t.data_ptr(), t._version) for _, t, _ in self._watched)
+
+    def _check_identity(self) -> None:
+        """Parameters replaced by new objects are invisible to the compiled graphs: recompile."""
+        model = self._source() if self._source is not None else None
+        if model is None:
+            return
+        current = dict(chain(model.named_parameters(), model.named_buffers()))
+        for name, _, ident in self._watched:
+            if name in current and id(current[name]) != ident:
+                raise EngineError(f"parameter or buffer {name!r} was replaced by a new tensor after compile; "
+                                  "the compiled graphs still read the old one: call sigec.compile again")
+
+    def _fresh_slot(self, key, slot: Optional[Slot]) -> Optional[Slot]:
+        """``slot`` if the weights are unchanged since it was recorded; otherwise apply ``on_stale``."""
+        if slot is None or slot.state_versions == self._state_versions():
+            return slot
+        changed = [name for (name, t, _), old in zip(self._watched, slot.state_versions)
+                   if (t.data_ptr(), t._version) != old]
+        if self.on_stale == "raise":
+            raise EngineError(f"weights changed since slot {key[1]!r} was recorded ({changed[:3]}...): "
+                              "clear() the engine to record again, or compile with on_stale='rerecord'")
+        log.info("weights changed since recording (%s); dropping every slot and recording again", changed[:3])
+        self.store.clear()
+        self._pending = None
+        return None
 
     # -- calling ------------------------------------------------------------------------------
     def _flatten(self, args, kwargs) -> list:
@@ -114,7 +156,8 @@ class Engine(torch.nn.Module):
         eps = self.context.settings.eps
         out = None
         for pos, old in zip(self._spatial_pos, slot.spatial_inputs):
-            diff = (flat[pos] - old).abs().reshape(-1, *res).amax(dim=0) > eps
+            # "not <= eps" also flags NaN and Inf differences as edited (NaN > eps is False)
+            diff = ~((flat[pos] - old).abs() <= eps).reshape(-1, *res).all(dim=0)
             out = diff if out is None else out | diff
         return out
 
@@ -132,9 +175,15 @@ class Engine(torch.nn.Module):
         return {"input_mask": input_mask, "masks": masks, "blocks": blocks}
 
     def forward(self, *args, mask: Optional[torch.Tensor] = None, **kwargs) -> Any:
+        """Record (first call for a slot) or run incrementally. Calls are serialized per engine."""
+        with self._lock:
+            return self._call(args, kwargs, mask)
+
+    def _call(self, args, kwargs, mask: Optional[torch.Tensor]) -> Any:
+        self._check_identity()
         flat = self._flatten(args, kwargs)
         key, fp = self._slot_key(flat)
-        slot = self.store.get(key)
+        slot = self._fresh_slot(key, self.store.get(key))
         with torch.no_grad():
             if slot is None:
                 if mask is not None:
@@ -151,7 +200,7 @@ class Engine(torch.nn.Module):
         n_out = self.signature.num_outputs
         outputs, caches = results[:n_out], results[n_out:]
         spatial = [flat[p].detach().clone() for p in self._spatial_pos]
-        self.store.put(key, Slot(spatial, caches, outputs, fp))
+        self.store.put(key, Slot(spatial, caches, outputs, fp, self._state_versions()))
         self._pending = None
         log.debug("recorded slot %r (%d cached tensors)", key[1], len(caches))
         return self._unflatten([o.clone() if isinstance(o, torch.Tensor) else o for o in outputs])
@@ -174,6 +223,10 @@ class Engine(torch.nn.Module):
 
     def commit(self) -> None:
         """Make the last edited run the new baseline, so the next edit is compared with it."""
+        with self._lock:
+            self._commit()
+
+    def _commit(self) -> None:
         if self._pending is None:
             raise EngineError("nothing to commit: commit() follows an incremental call that changed something")
         p = self._pending
@@ -184,7 +237,8 @@ class Engine(torch.nn.Module):
         for i, (name, kind) in enumerate(self.signature.caches):
             if kind == VALUE and name in p["updated"]:
                 caches[i] = p["updated"][name]
-        self.store.put(p["key"], Slot(p["spatial"], caches, list(p["outputs"]), slot.nonspatial_fingerprint))
+        self.store.put(p["key"], Slot(p["spatial"], caches, list(p["outputs"]), slot.nonspatial_fingerprint,
+                                      slot.state_versions))
         self._pending = None
 
     def _unflatten(self, outputs: list) -> Any:

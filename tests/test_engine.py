@@ -148,7 +148,7 @@ def test_capture_error_names_the_construct():
             return x
 
     with pytest.raises(CaptureError) as info:
-        sigec.compile(DataDependent(), (torch.randn(1, 1, 4, 4),))
+        sigec.compile(DataDependent().eval(), (torch.randn(1, 1, 4, 4),))
     msg = str(info.value)
     assert "test_engine.py" in msg and "if x.sum() > 0" in msg and "torch.cond" in msg
 
@@ -159,7 +159,7 @@ def test_model_keyword_named_mask_is_refused():
             return x * mask
 
     with pytest.raises(ValueError, match="engine's own edit-mask"):
-        sigec.compile(Masked(), (torch.randn(1, 1, 4, 4),), {"mask": torch.ones(1, 1, 4, 4)})
+        sigec.compile(Masked().eval(), (torch.randn(1, 1, 4, 4),), {"mask": torch.ones(1, 1, 4, 4)})
 
 
 def test_settings_are_validated():

@@ -1,0 +1,154 @@
+"""Never a stale or wrong result: weight changes, NaN inputs, faults part-way, threads, refusals."""
+import threading
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.fx import Interpreter
+
+import sigec
+from sigec import CaptureError, EngineError
+from sigec.runtime import ReferenceRuntime
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.SiLU(),
+                         nn.Conv2d(8, 3, 3, padding=1)).eval()
+
+
+def _edit(x, value=1.0):
+    out = x.clone()
+    out[..., 3:7, 5:9] += value
+    return out
+
+
+def test_in_place_weight_change_records_again():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, 3, 3, padding=1)).eval()
+    x = torch.randn(1, 3, 16, 16)
+    engine = sigec.compile(model, (x,), policy="exact", block_size=4)
+    engine(x)
+    with torch.no_grad():
+        model[0].weight.mul_(1.5)
+    x2 = _edit(x)
+    torch.testing.assert_close(engine(x2), model(x2))  # stale slot dropped: this call recorded
+    assert engine.last_stats is None or len(engine.store) == 1
+    x3 = _edit(x2, 2.0)
+    torch.testing.assert_close(engine(x3), model(x3), rtol=1e-4, atol=1e-5)  # incremental again
+
+
+def test_in_place_weight_change_can_raise():
+    model, x = _model(), torch.randn(1, 3, 16, 16)
+    engine = sigec.compile(model, (x,), on_stale="raise")
+    engine(x)
+    with torch.no_grad():
+        model[3].bias.add_(1)
+    with pytest.raises(EngineError, match="weights changed since slot"):
+        engine(_edit(x))
+
+
+def test_replaced_parameter_needs_a_new_compile():
+    model, x = _model(), torch.randn(1, 3, 16, 16)
+    engine = sigec.compile(model, (x,))
+    engine(x)
+    model[0].weight = nn.Parameter(model[0].weight.detach() * 2)
+    with pytest.raises(EngineError, match="replaced by a new tensor"):
+        engine(x)
+
+
+def test_nan_and_inf_inputs_count_as_edits():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 3, padding=1)).eval()
+    x = torch.randn(1, 3, 16, 16)
+    engine = sigec.compile(model, (x,), policy="exact", block_size=4)
+    engine(x)
+    for bad in (float("nan"), float("inf")):
+        x2 = x.clone()
+        x2[0, 1, 9, 9] = bad
+        out = engine(x2)
+        assert engine.last_stats["input_mask"][9, 9]
+        torch.testing.assert_close(out, model(x2), equal_nan=True)
+
+
+class _FaultAt(nn.Module):
+    """Runs a GraphModule and raises at its ``k``-th call_function node."""
+
+    def __init__(self, gm, k):
+        super().__init__()
+        self.gm, self.k = gm, k
+
+    def forward(self, *args):
+        k = self.k
+
+        class Faulty(Interpreter):
+            seen = 0
+
+            def call_function(self, target, a, kw):
+                if Faulty.seen == k:
+                    raise RuntimeError(f"injected fault at node {k}")
+                Faulty.seen += 1
+                return super().call_function(target, a, kw)
+
+        return Faulty(self.gm).run(*args)
+
+
+def test_fault_at_every_runtime_op_leaves_the_engine_correct():
+    model, x = _model(), torch.randn(1, 3, 16, 16)
+    engine = sigec.compile(model, (x,), block_size=4, expected_active_fraction=0.05)
+    reference = ReferenceRuntime(engine.graph_module)
+    engine(x)
+    reference.record([x])
+    healthy = engine.incremental
+    n_ops = sum(1 for n in healthy.graph.nodes if n.op == "call_function")
+    x2 = _edit(x)
+    for k in range(n_ops):
+        engine.incremental = _FaultAt(healthy, k)
+        with pytest.raises(RuntimeError, match="injected fault"):
+            engine(x2)
+        engine.incremental = healthy
+        x3 = _edit(x, 0.5 + k)
+        torch.testing.assert_close(engine(x3), reference.run([x3], engine.last_stats["input_mask"])[0],
+                                   rtol=1e-4, atol=1e-4)
+    engine.commit()  # the last good edit is still pending and commits cleanly
+
+
+def test_two_threads_get_serial_results():
+    model, x = _model(), torch.randn(1, 3, 16, 16)
+    engine = sigec.compile(model, (x,), block_size=4)
+    engine(x)
+    edits = [_edit(x, v) for v in (0.5, 1.0, 1.5, 2.0)]
+    expected = [engine(e) for e in edits]
+    results: dict = {}
+
+    def worker(i):
+        for _ in range(5):
+            results.setdefault(i, []).append(engine(edits[i]))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(edits))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, outs in results.items():
+        for out in outs:
+            assert torch.equal(out, expected[i])
+
+
+def test_training_mode_is_refused():
+    with pytest.raises(ValueError, match="training mode"):
+        sigec.compile(nn.Conv2d(3, 3, 1), (torch.randn(1, 3, 8, 8),))
+
+
+def test_model_that_mutates_its_buffers_is_refused():
+    class Counter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("calls", torch.zeros(()))
+            self.conv = nn.Conv2d(1, 1, 1)
+
+        def forward(self, x):
+            self.calls.add_(1)
+            return self.conv(x)
+
+    with pytest.raises(CaptureError, match=r"(?s)changes a tensor in place \(aten.add_.Tensor.*self.calls.add_\(1\)"):
+        sigec.compile(Counter().eval(), (torch.randn(1, 1, 8, 8),))
