@@ -76,8 +76,10 @@ def partition(gm: GraphModule, ctx: PassContext) -> GraphModule:
     for node in gm.graph.nodes:
         info = node.meta[K.SPATIAL]
         rule = node.meta.get(K.RULE)
-        if not info.tainted or node.op in ("placeholder", "get_attr", "output"):
-            decision = Decision(DecisionKind.STATIC if not info.tainted else DecisionKind.DENSE, "input")
+        if not info.tainted:
+            decision = Decision(DecisionKind.STATIC, "does not depend on the edit")
+        elif node.op in ("placeholder", "get_attr", "output"):
+            decision = Decision(DecisionKind.DENSE, "graph input" if node.op == "placeholder" else node.op)
         elif rule is None:
             decision = Decision(DecisionKind.FALLBACK, ctx.fallbacks.get(node.name, "output is not image-like"))
         elif rule.kind is OpKind.IGNORED:

@@ -24,8 +24,8 @@ def fingerprint(values: list) -> str:
     h = hashlib.sha1()
     for v in values:
         if isinstance(v, torch.Tensor):
-            t = v.detach().to("cpu").contiguous()
-            h.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
+            h.update(f"{tuple(v.shape)}|{v.dtype}|".encode())
+            t = v.detach().to("cpu").contiguous().reshape(-1)  # 1-D: 0-dim tensors cannot be viewed as bytes
             h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         else:
             h.update(repr(v).encode())

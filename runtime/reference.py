@@ -39,7 +39,8 @@ def _norm_affine(x: torch.Tensor, groups: int, weight, bias, eps: float):
 
 
 class ReferenceRuntime:
-    """Record with ``record(flat_inputs)``; then ``run(flat_inputs, input_mask)``."""
+    """Record with ``record(flat_inputs)``; then ``run(flat_inputs, input_mask)``; ``commit()``
+    makes the last run the baseline (normalization statistics stay frozen, as in the engine)."""
 
     def __init__(self, gm: GraphModule):
         self.gm = gm
@@ -103,6 +104,10 @@ class ReferenceRuntime:
 
         with torch.no_grad():
             return self._execute(flat_inputs, step)
+
+    def commit(self) -> None:
+        """The values of the last ``run`` become the recorded ones."""
+        self.recorded = dict(self._last_env)
 
 
 def _broadcastable(pixels: torch.Tensor, node: Node) -> torch.Tensor:

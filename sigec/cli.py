@@ -1,10 +1,15 @@
-"""The ``sigec`` command line: ``sigec demo`` (more subcommands, e.g. ``dump`` and ``bench``, to come)."""
+"""The ``sigec`` command line: ``sigec dump``, ``sigec bench`` and ``sigec demo``.
+
+Exit status: 0 on success, 1 when a command fails (one ``sigec: error: ...`` line on stderr;
+``--debug`` adds the traceback), 2 for usage errors, 130 when interrupted.
+"""
 from __future__ import annotations
 
 import argparse
 import logging
 import os
 import sys
+import traceback
 from typing import Optional, Sequence
 
 # Timings on a shared machine: busy-waiting OpenMP threads turn contention into 10-50x slowdowns
@@ -21,11 +26,102 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0.0 < value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
     return value
+
+
+def _write_output(text: str, out: Optional[str]) -> None:
+    """Write ``text`` to ``out`` (creating its folder) or to stdout."""
+    if out is None or out == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    from pathlib import Path
+
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    print(f"wrote {path} ({len(text.encode('utf-8')):,} bytes)", file=sys.stderr)
+
+
+def _load_with_mask(args: argparse.Namespace):
+    """The target and, when ``--mask`` names a file, the mask read from it (before compiling)."""
+    from sigec.dump import load_target, read_mask_file
+
+    mask = read_mask_file(args.mask) if args.mask is not None else None  # fail fast on a bad file
+    return load_target(args.target), mask
+
+
+def _cmd_dump(args: argparse.Namespace) -> int:
+    from sigec import dump
+
+    if args.after is not None:
+        args.passes = True
+    if args.passes and args.format != "text":
+        raise dump.UsageError(f"--passes prints text; it cannot be combined with --format {args.format}")
+    if args.passes:
+        analysis, incremental = dump.pass_names()
+        if args.after is not None and args.after not in analysis + incremental:
+            raise dump.UsageError(f"unknown pass {args.after!r} for --after; passes: "
+                                  f"{', '.join(analysis + incremental)}")
+        target = dump.load_target(args.target)
+        if args.out is None or args.out == "-":
+            dump.dump_pass_graphs(target, args.policy, args.block_size, args.after,
+                                  lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+        else:
+            chunks: list[str] = []
+            dump.dump_pass_graphs(target, args.policy, args.block_size, args.after, chunks.append)
+            _write_output("".join(chunks), args.out)
+        return 0
+    target, preloaded = _load_with_mask(args)
+    engine = dump.compile_target(target, args.policy, args.block_size)
+    mask, source = dump.resolve_mask(engine, args.mask, args.mask_fraction, preloaded)
+    _write_output(dump.render(dump.build_dump(target, engine, mask, source), args.format), args.out)
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from sigec import bench, dump
+
+    target, preloaded = _load_with_mask(args)
+    results = bench.run_bench(
+        target, lambda engine: dump.resolve_mask(engine, args.mask, args.mask_fraction, preloaded),
+        policy=args.policy, block_size=args.block_size, repeats=args.repeats, warmup=args.warmup,
+        threads=args.threads, seed=args.seed)
+    text = bench.bench_json(results) if args.format == "json" else bench.format_bench(results)
+    _write_output(text, args.out)
+    return 0
+
+
+def _add_target_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", metavar="TARGET",
+                   help="package.module:factory (factory() returns (model, args) or (model, args, kwargs)), "
+                        "path/to/file.py:factory, or a .pt2 file written by torch.export.save")
+    masks = p.add_mutually_exclusive_group()
+    masks.add_argument("--mask", metavar="FILE",
+                       help="edit mask: a PNG (pixels lighter than mid-grey are edited) or a .npy array (True or "
+                            "above 0.5 is edited), "
+                            "at the model's input resolution")
+    masks.add_argument("--mask-fraction", type=_fraction, default=0.05, metavar="F",
+                       help="without --mask: an ellipse covering this fraction of the image "
+                            "(default: %(default)s)")
+    p.add_argument("--policy", choices=("sige", "exact"), default="sige",
+                   help="compile policy (default: %(default)s)")
+    p.add_argument("--block-size", type=_positive_int, default=None, metavar="N",
+                   help="block edge at every resolution (default: chosen per resolution)")
+    p.add_argument("--out", metavar="PATH", help="write the output to PATH instead of stdout")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the traceback of an error")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -43,7 +139,44 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sigec", description="Compile PyTorch image generators into incremental engines.")
     parser.add_argument("--version", action="version", version=f"sigec {sigec.__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress messages")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    from sigec.dump import FORMATS
+
+    dump = sub.add_parser(
+        "dump", help="show how a model is compiled: per-node decisions, block maps, MACs, graphs",
+        description="Compile TARGET and show, for an edit mask, every node's op, shape, resolution, mask "
+                    "fraction, decision (sparse / dense / fallback / static, and why), block size, halo "
+                    "and dense and incremental MACs; the block maps of each resolution; the totals; and "
+                    "the generated recording and incremental graphs. With --passes, print the graph after "
+                    "each compiler pass instead.",
+        epilog="TARGET examples: mypkg.models:make_unet, ./nets.py:build, model.pt2. A factory takes no "
+               "arguments; modules are imported with the working directory on sys.path.")
+    _add_target_options(dump)
+    dump.add_argument("--format", choices=FORMATS, default="text",
+                      help="text: a table; json: machine-readable; dot: the analysed graph (Graphviz); "
+                           "svg: block maps; html: one self-contained page (default: %(default)s)")
+    dump.add_argument("--passes", action="store_true",
+                      help="print the pass pipeline and the graph after each pass")
+    dump.add_argument("--after", metavar="PASS", help="with --passes: stop after this pass (implies --passes)")
+    dump.set_defaults(func=_cmd_dump)
+
+    bench = sub.add_parser(
+        "bench", help="time the dense model against the incremental engine for an edit mask",
+        description="Compile TARGET, record its example inputs, edit the pixels inside the mask and time "
+                    "dense runs of the model against incremental runs of the engine (median [min, max] "
+                    "over --repeats runs); also prints MACs and the PSNR of the incremental output.")
+    _add_target_options(bench)
+    bench.add_argument("--repeats", type=_positive_int, default=10,
+                       help="timed runs per variant (default: %(default)s)")
+    bench.add_argument("--warmup", type=_non_negative_int, default=1, help="untimed runs first (default: %(default)s)")
+    bench.add_argument("--threads", type=_positive_int, default=None,
+                       help="torch CPU threads (default: torch's)")
+    bench.add_argument("--seed", type=int, default=0, help="seed of the edit's noise (default: %(default)s)")
+    bench.add_argument("--format", choices=("text", "json"), default="text",
+                       help="output format (default: %(default)s)")
+    bench.set_defaults(func=_cmd_bench)
 
     demo = sub.add_parser("demo", help="edit an image with the built-in UNet; compare dense and incremental",
                           description="Record the built-in DDPM-style UNet on a synthetic image, paint an "
@@ -59,8 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--repeats", type=_positive_int, default=5,
                       help="timed runs per variant, after one warm-up (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the weights and noise (default: %(default)s)")
+    demo.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                      help="show the traceback of an error")
     demo.set_defaults(func=_cmd_demo)
-    # future: sub.add_parser("dump", ...) and sub.add_parser("bench", ...), each with set_defaults(func=...)
     return parser
 
 
@@ -74,10 +208,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # the library logs under "sigec"; show its warnings always, its progress with -v
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(name)s: %(levelname)s: %(message)s")
+    from sigec.dump import UsageError
+    from sigec.passes import PassError
+
+    debug = getattr(args, "debug", False)
     try:
         return args.func(args)
-    except (sigec.EngineError, sigec.CaptureError, ValueError, OSError) as exc:
+    except KeyboardInterrupt:
+        print("sigec: interrupted", file=sys.stderr)
+        return 130
+    except UsageError as exc:
+        print(f"sigec {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except (sigec.EngineError, sigec.CaptureError, PassError, ValueError, OSError) as exc:
+        if debug:
+            traceback.print_exc()
         print(f"sigec: error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a bug: one line, the traceback with --debug
+        if debug:
+            traceback.print_exc()
+        print(f"sigec: error: internal error: {type(exc).__name__}: {exc} "
+              "(run again with --debug for the traceback)", file=sys.stderr)
         return 1
 
 

@@ -233,6 +233,9 @@ class Engine(torch.nn.Module):
         slot = self.store.get(p["key"])
         if slot is None:
             raise EngineError("the slot of the last edit was evicted; nothing to commit")
+        if slot.state_versions != self._state_versions():
+            self._pending = None
+            raise EngineError("weights changed since the last edit was computed; nothing to commit")
         caches = list(slot.caches)
         for i, (name, kind) in enumerate(self.signature.caches):
             if kind == VALUE and name in p["updated"]:

@@ -18,7 +18,7 @@ class TimeNet(nn.Module):
         self.c2 = nn.Conv2d(8, 3, 3, padding=1)
 
     def forward(self, x, t, scale=None):
-        h = F.silu(self.c1(x) + self.emb(t[:, None].float())[:, :, None, None])
+        h = F.silu(self.c1(x) + self.emb(t.reshape(-1, 1).float())[:, :, None, None])
         out = self.c2(h)
         return {"sample": out * scale if scale is not None else out}
 
@@ -60,6 +60,15 @@ def test_slots_are_keyed_by_timestep(setup):
     for step in (3, 7):
         ts = torch.tensor([step])
         torch.testing.assert_close(engine(x2, ts)["sample"], model(x2, ts)["sample"], rtol=1e-4, atol=1e-5)
+
+
+def test_zero_dim_timestep(setup):
+    model, x, _ = setup
+    t = torch.tensor(3)  # diffusers pipelines pass 0-dim timesteps
+    engine = sigec.compile(model, (x, t), policy="exact", block_size=4)
+    engine(x, t)
+    x2 = _edit(x)
+    torch.testing.assert_close(engine(x2, t)["sample"], model(x2, t)["sample"], rtol=1e-4, atol=1e-5)
 
 
 def test_named_slots(setup):
