@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from sigec import edits
+from sigec.measure import psnr, summary, time_ms  # noqa: F401  (psnr is re-exported)
 
 
 def ellipse_mask(h: int, w: int, fraction: float) -> torch.Tensor:
@@ -21,35 +20,9 @@ def ellipse_mask(h: int, w: int, fraction: float) -> torch.Tensor:
     return edits.ellipse_mask(h, w, fraction, centre=(0.6, 0.4), aspect=1.5)
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR of ``a`` against the reference ``b`` in dB, with peak ``b.max() - b.min()``.
-
-    The peak is the reference's dynamic range because network outputs (noise predictions) have
-    no fixed value range. Identical tensors give ``inf``.
-    """
-    a64, b64 = a.detach().double(), b.detach().double()
-    mse = float(((a64 - b64) ** 2).mean())
-    peak = float(b64.max() - b64.min())
-    if mse == 0.0:
-        return math.inf
-    return 10.0 * math.log10(peak * peak / mse)
-
-
 def time_call(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> tuple[float, float, float]:
-    """Wall-clock seconds of ``fn()``: ``(median, min, max)`` over ``repeats`` timed calls.
-
-    ``warmup`` untimed calls come first (allocator and kernel selection warm-up).
-    """
-    if repeats < 1:
-        raise ValueError(f"repeats must be at least 1, got {repeats}")
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples), min(samples), max(samples)
+    """Wall-clock seconds of ``fn()``: ``(median, min, max)`` over ``repeats`` calls after ``warmup``."""
+    return tuple(t / 1e3 for t in summary(time_ms(fn, repeats, warmup)))
 
 
 def _jsonable(obj: Any) -> Any:

@@ -17,18 +17,8 @@ import torch
 from torch.utils import _pytree as pytree
 
 import sigec
+from sigec.measure import psnr, time_ms
 from sigec.dump import CliError, Target, compile_target, flat_inputs
-
-
-def _time_ms(fn: Callable[[], object], repeats: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
 
 
 def edit_inputs(engine, target: Target, mask: torch.Tensor, seed: int = 0) -> tuple[tuple, dict]:
@@ -52,17 +42,6 @@ def edit_inputs(engine, target: Target, mask: torch.Tensor, seed: int = 0) -> tu
     return tuple(args), dict(kwargs)
 
 
-def psnr(reference: torch.Tensor, test: torch.Tensor) -> float:
-    """PSNR in dB of ``test`` against ``reference``, with the reference's value range as peak."""
-    mse = float(((test.double() - reference.double()) ** 2).mean())
-    peak = float(reference.max() - reference.min())
-    if mse == 0.0:
-        return math.inf
-    if peak == 0.0:
-        return -math.inf
-    return 10.0 * math.log10(peak * peak / mse)
-
-
 def compare_outputs(dense, incremental) -> tuple[float, float]:
     """(lowest PSNR, largest absolute difference) over the floating-point tensor outputs."""
     a, _ = pytree.tree_flatten(dense)
@@ -71,7 +50,7 @@ def compare_outputs(dense, incremental) -> tuple[float, float]:
              and x.is_floating_point() and x.shape == y.shape]
     if len(a) != len(b) or not pairs:
         raise CliError("the engine's outputs do not match the model's (different structure or no tensors)")
-    worst = min(psnr(x, y) for x, y in pairs)
+    worst = min(psnr(y, x) for x, y in pairs)
     diff = max(float((x.double() - y.double()).abs().max()) if x.numel() else 0.0 for x, y in pairs)
     return worst, diff
 
@@ -104,8 +83,8 @@ def run_bench(target: Target, mask_for: Callable, policy: str = "sige", block_si
         def incremental():
             return engine(*e_args, mask=mask, **e_kwargs)
 
-        dense_times = _time_ms(dense, repeats, warmup)
-        incr_times = _time_ms(incremental, repeats, warmup)
+        dense_times = time_ms(dense, repeats, warmup)
+        incr_times = time_ms(incremental, repeats, warmup)
         worst_psnr, max_diff = compare_outputs(dense(), incremental())
         report = engine.report(mask=mask)
         used_threads = torch.get_num_threads()

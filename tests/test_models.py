@@ -8,16 +8,11 @@ import torch
 
 import sigec
 from sigec.edits import ellipse_mask
+from sigec.measure import psnr
 from sigec.models import ddpm_unet, label_map, spade_generator
 from sigec.runtime import ReferenceRuntime
 
 diffusers = pytest.importorskip("diffusers")
-
-
-def psnr(a: torch.Tensor, ref: torch.Tensor) -> float:
-    mse = torch.mean((a - ref) ** 2)
-    peak = (ref.max() - ref.min()) ** 2
-    return float("inf") if mse == 0 else float(10 * torch.log10(peak / mse))
 
 
 def _check(name, engine, model_fn, args, edited_args, mask, out_of=lambda o: o, min_psnr=20.0):
