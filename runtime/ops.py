@@ -131,15 +131,20 @@ def _scatter_into(out: Tensor, blocks: Tensor, indices: Tensor, block: list[int]
     return out
 
 
+def _working_copy(base: Tensor, blocks: Tensor) -> Tensor:
+    return base.to(dtype=blocks.dtype, memory_format=torch.contiguous_format, copy=True)
+
+
 @torch.library.custom_op("sigec::scatter", mutates_args=())
 def scatter(blocks: Tensor, base: Tensor, indices: Tensor, block: list[int]) -> Tensor:
-    """``base`` with the active blocks replaced by ``blocks`` (a new contiguous tensor)."""
-    return _scatter_into(base.clone(memory_format=torch.contiguous_format), blocks, indices, block)
+    """``base`` with the active blocks replaced by ``blocks``: a new contiguous tensor in the
+    dtype of ``blocks`` (the cache may be stored narrower; the copy widens it)."""
+    return _scatter_into(_working_copy(base, blocks), blocks, indices, block)
 
 
 @scatter.register_fake
 def _(blocks, base, indices, block):
-    return base.new_empty(base.shape)
+    return base.new_empty(base.shape, dtype=blocks.dtype)
 
 
 @torch.library.custom_op("sigec::scatter_gather", mutates_args=())
@@ -147,7 +152,7 @@ def scatter_gather(blocks: Tensor, base: Tensor, indices: Tensor, block: list[in
                    gather_indices: Tensor, window: list[int], stride: list[int], offset: list[int],
                    pad_mode: str, pad_value: float) -> tuple[Tensor, Tensor]:
     """``scatter`` followed by a ``gather`` of the result: returns ``(full, windows)``."""
-    full = _scatter_into(base.clone(memory_format=torch.contiguous_format), blocks, indices, block)
+    full = _scatter_into(_working_copy(base, blocks), blocks, indices, block)
     windows = gather(full, gather_indices, window, stride, offset, pad_mode, pad_value,
                      None, None, "none", 0.0)
     return full, windows
@@ -156,7 +161,7 @@ def scatter_gather(blocks: Tensor, base: Tensor, indices: Tensor, block: list[in
 @scatter_gather.register_fake
 def _(blocks, base, indices, block, gather_indices, window, stride, offset, pad_mode, pad_value):
     nb = gather_indices.shape[0]
-    return (base.new_empty(base.shape),
+    return (base.new_empty(base.shape, dtype=blocks.dtype),
             base.new_empty((nb * base.shape[0], base.shape[1], window[0], window[1])))
 
 

@@ -18,7 +18,8 @@ def compile(model: "torch.nn.Module | torch.export.ExportedProgram", example_arg
             policy: str = "sige", eps: float = 1e-6, dilation: int = 1, threshold: float = 0.0,
             block_size: BlockSize = None, expected_active_fraction: float = 0.15,
             spatial_inputs=None, cache_budget_bytes: Optional[int] = None,
-            on_cache_full: str = "evict", on_stale: str = "rerecord") -> Engine:
+            on_cache_full: str = "evict", on_stale: str = "rerecord",
+            cache_dtype: Optional[torch.dtype] = None) -> Engine:
     """Compile ``model`` into an incremental ``Engine``.
 
     Args:
@@ -33,6 +34,9 @@ def compile(model: "torch.nn.Module | torch.export.ExportedProgram", example_arg
         on_cache_full: ``"evict"`` the least recently used slot, or ``"raise"``.
         on_stale: when parameters or buffers change in place after a slot was recorded:
             ``"rerecord"`` (drop every slot; the call records again) or ``"raise"``.
+        cache_dtype: storage dtype of the cached activations (for example ``torch.bfloat16`` to
+            halve the cache of an fp32 model); computation stays in the model's dtype, and an
+            unedited input still returns the recorded output bit for bit.
     """
     if example_kwargs and "mask" in example_kwargs:
         raise ValueError("the model takes a keyword input named 'mask', which is the engine's own edit-mask "
@@ -55,4 +59,4 @@ def compile(model: "torch.nn.Module | torch.export.ExportedProgram", example_arg
     store = SlotStore(cache_budget_bytes, on_cache_full)
     return Engine(gm, ctx, recording, incremental, signature, captured.in_spec, captured.out_spec,
                   captured.input_names, store, source=model if isinstance(model, torch.nn.Module) else None,
-                  on_stale=on_stale)
+                  on_stale=on_stale, cache_dtype=cache_dtype)

@@ -48,7 +48,7 @@ class Engine(torch.nn.Module):
     def __init__(self, graph_module: GraphModule, ctx: PassContext, recording: GraphModule,
                  incremental: GraphModule, signature: IncrementalSignature, in_spec, out_spec,
                  input_names: list[str], store: SlotStore, source: Optional[torch.nn.Module] = None,
-                 on_stale: str = "rerecord"):
+                 on_stale: str = "rerecord", cache_dtype: Optional[torch.dtype] = None):
         super().__init__()
         if on_stale not in ("rerecord", "raise"):
             raise ValueError(f"on_stale must be 'rerecord' or 'raise', got {on_stale!r}")
@@ -66,12 +66,41 @@ class Engine(torch.nn.Module):
         self._pending: Optional[dict] = None
         self.last_stats: Optional[dict] = None
         self.on_stale = on_stale
+        self.cache_dtype = cache_dtype
+        # cached activations that may be stored in cache_dtype (values of edited nodes only: slot
+        # constants and normalization affines are small and used as they are)
+        self._narrowable = {i for i, (name, kind) in enumerate(signature.caches)
+                            if kind == VALUE and name in set(signature.updated)}
         # (name, tensor, identity) of every parameter and buffer the graphs read; the model's own
         # objects, so in-place updates show up in their version counters.
         self._watched = [(name, t, id(t)) for name, t in
                          chain(graph_module.named_parameters(), graph_module.named_buffers())]
         self._source = weakref.ref(source) if source is not None else None
         self._lock = threading.RLock()
+        self._float_dtype: Optional[torch.dtype] = None  # set by to(dtype): floating inputs follow
+        self._device = self._watched[0][1].device if self._watched else None
+
+    def _dtype_of(self, example: torch.Tensor) -> torch.dtype:
+        return self._float_dtype if self._float_dtype is not None and example.is_floating_point() else example.dtype
+
+    def _apply(self, fn, recurse=True):
+        """``engine.to(device or dtype)``: the graphs (and the model's parameters, which they share)
+        move; recorded slots are dropped, since a run in another place or precision is not theirs."""
+        out = super()._apply(fn, recurse)
+        if not hasattr(self, "_watched"):
+            return out  # during construction
+        probe = fn(torch.zeros((), dtype=torch.float32))
+        self._device = self._watched[0][1].device if self._watched else probe.device
+        if probe.dtype != torch.float32:
+            self._float_dtype = probe.dtype
+        elif self._watched and self._watched[0][1].is_floating_point():
+            self._float_dtype = self._watched[0][1].dtype
+        if len(self.store):
+            log.warning("engine moved to %s / %s: its %d recorded slot(s) were dropped; the next call records "
+                        "again", self._device, self._float_dtype or "original dtype", len(self.store))
+        self.store.clear()
+        self._pending = None
+        return out
 
     # -- slots --------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -128,10 +157,13 @@ class Engine(torch.nn.Module):
             if isinstance(example, torch.Tensor):
                 if not isinstance(value, torch.Tensor):
                     raise EngineError(f"input {name!r} must be a tensor, got {type(value).__name__}")
-                if tuple(value.shape) != tuple(example.shape) or value.dtype != example.dtype:
+                if self._device is not None and value.device != self._device:
+                    raise EngineError(f"input {name!r} is on {value.device} but the engine's weights are on "
+                                      f"{self._device}; move the input, or the engine with engine.to(...)")
+                if tuple(value.shape) != tuple(example.shape) or value.dtype != self._dtype_of(example):
                     raise EngineError(
                         f"input {name!r} has shape {tuple(value.shape)} and dtype {value.dtype}, but the "
-                        f"engine was compiled for {tuple(example.shape)} and {example.dtype}; compile "
+                        f"engine was compiled for {tuple(example.shape)} and {self._dtype_of(example)}; compile "
                         "again with example inputs of the new shape")
         return list(flat)
 
@@ -149,9 +181,12 @@ class Engine(torch.nn.Module):
             if mask.dtype != torch.bool:
                 raise EngineError(f"mask must have dtype torch.bool, got {mask.dtype}; use mask > 0.5 "
                                   "or mask.bool()")
+            batch = self.context.batch
+            if tuple(mask.shape) == (batch, *res) and batch > 1:
+                mask = mask.any(dim=0)  # one mask per sample: their union runs in one batched call
             if tuple(mask.shape) != tuple(res):
                 raise EngineError(f"mask has shape {tuple(mask.shape)} but the spatial inputs are "
-                                  f"{res[0]}x{res[1]}; pass an H x W boolean mask")
+                                  f"{res[0]}x{res[1]}; pass an H x W boolean mask (or N x H x W, one per sample)")
             return mask.to(flat[self._spatial_pos[0]].device)
         eps = self.context.settings.eps
         out = None
@@ -198,7 +233,7 @@ class Engine(torch.nn.Module):
     def _record(self, flat: list, key, fp: str) -> Any:
         results = list(self.recording(*flat))
         n_out = self.signature.num_outputs
-        outputs, caches = results[:n_out], results[n_out:]
+        outputs, caches = results[:n_out], [self._store_dtype(i, c) for i, c in enumerate(results[n_out:])]
         spatial = [flat[p].detach().clone() for p in self._spatial_pos]
         self.store.put(key, Slot(spatial, caches, outputs, fp, self._state_versions()))
         self._pending = None
@@ -239,10 +274,15 @@ class Engine(torch.nn.Module):
         caches = list(slot.caches)
         for i, (name, kind) in enumerate(self.signature.caches):
             if kind == VALUE and name in p["updated"]:
-                caches[i] = p["updated"][name]
+                caches[i] = self._store_dtype(i, p["updated"][name])
         self.store.put(p["key"], Slot(p["spatial"], caches, list(p["outputs"]), slot.nonspatial_fingerprint,
                                       slot.state_versions))
         self._pending = None
+
+    def _store_dtype(self, index: int, value: torch.Tensor) -> torch.Tensor:
+        if self.cache_dtype is None or index not in self._narrowable or not value.is_floating_point():
+            return value
+        return value.to(self.cache_dtype)
 
     def _unflatten(self, outputs: list) -> Any:
         return pytree.tree_unflatten(outputs, self._out_spec)

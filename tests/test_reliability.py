@@ -152,3 +152,65 @@ def test_model_that_mutates_its_buffers_is_refused():
 
     with pytest.raises(CaptureError, match=r"(?s)changes a tensor in place \(aten.add_.Tensor.*self.calls.add_\(1\)"):
         sigec.compile(Counter().eval(), (torch.randn(1, 1, 8, 8),))
+
+
+def test_per_sample_masks_are_unioned_into_one_batched_call():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 3, padding=1)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    engine = sigec.compile(model, (x,), policy="exact", block_size=4)
+    engine(x)
+    masks = torch.zeros(2, 16, 16, dtype=torch.bool)
+    masks[0, 1:4, 1:4] = True
+    masks[1, 10:13, 9:12] = True
+    x2 = torch.where(masks[:, None], x + 1, x)
+    torch.testing.assert_close(engine(x2, mask=masks), model(x2), rtol=1e-4, atol=1e-5)
+    assert engine.last_stats["input_mask"].sum() == 18
+    with pytest.raises(EngineError, match="N x H x W"):
+        engine(x2, mask=torch.zeros(3, 16, 16, dtype=torch.bool))
+
+
+def test_engine_to_dtype_drops_slots_and_follows_the_new_dtype():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 3, padding=1)).eval()
+    x = torch.randn(1, 3, 16, 16)
+    engine = sigec.compile(model, (x,), policy="exact", block_size=4)
+    engine(x)
+    engine.to(torch.float64)  # the parameters are the model's: it follows, as with model.to
+    assert len(engine.store) == 0 and model[0].weight.dtype == torch.float64
+    with pytest.raises(EngineError, match="compiled for"):
+        engine(x)  # float32 input for a float64 engine
+    xd = x.double()
+    engine(xd)
+    x2 = xd.clone()
+    x2[..., 2:5, 2:5] += 1
+    torch.testing.assert_close(engine(x2), model(x2))
+    engine.to("cpu")  # same place: still consistent
+    assert torch.equal(engine(x2), engine(x2))
+
+
+def test_block_sizes_at_the_extremes():
+    model = nn.Sequential(nn.Conv2d(3, 4, 5, padding=2), nn.Upsample(scale_factor=2.0), nn.Conv2d(4, 3, 3, padding=1)).eval()
+    x = torch.randn(1, 3, 12, 12)
+    for block in (1, 1000):
+        engine = sigec.compile(model, (x,), policy="exact", block_size=block, expected_active_fraction=0.01)
+        engine(x)
+        x2 = x.clone()
+        x2[..., 5, 5] += 1
+        torch.testing.assert_close(engine(x2), model(x2), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["sige", "exact"])
+def test_cache_in_a_narrower_storage_dtype(policy):
+    model = _model()
+    x = torch.randn(1, 3, 16, 16)
+    wide = sigec.compile(model, (x,), policy=policy, block_size=4)
+    narrow = sigec.compile(model, (x,), policy=policy, block_size=4, cache_dtype=torch.bfloat16)
+    recorded = narrow(x)
+    wide(x)
+    assert narrow.store.nbytes() < 0.8 * wide.store.nbytes()
+    assert torch.equal(narrow(x), recorded)  # unedited: the recorded output, bit for bit
+    x2 = _edit(x)
+    out = narrow(x2)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, wide(x2), rtol=2e-2, atol=2e-2)
+    narrow.commit()
+    assert all(c.dtype in (torch.bfloat16, torch.float32) for c in narrow.store.get(narrow.store.keys()[0]).caches)

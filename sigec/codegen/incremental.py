@@ -222,6 +222,8 @@ class _Emitter:
             if node.meta[K.SPATIAL].layout == NHWC:
                 mask = self._permute(mask, NHWC, node)
             new = self.call(aten.where.self, (mask, new, self.cache(node)), origin=node)
+            # the cache may be stored in another dtype; the value keeps the model's
+            new = self.call(aten.to.dtype, (new, node.meta["val"].dtype), origin=node)
         self.reps[node] = _Rep(new, "full" if _is_image(node) else "plain")
 
     def _emit_dense(self, node: Node, rule) -> None:
