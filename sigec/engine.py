@@ -77,30 +77,23 @@ class Engine(torch.nn.Module):
                          chain(graph_module.named_parameters(), graph_module.named_buffers())]
         self._source = weakref.ref(source) if source is not None else None
         self._lock = threading.RLock()
-        self._float_dtype: Optional[torch.dtype] = None  # set by to(dtype): floating inputs follow
         self._device = self._watched[0][1].device if self._watched else None
-
-    def _dtype_of(self, example: torch.Tensor) -> torch.dtype:
-        return self._float_dtype if self._float_dtype is not None and example.is_floating_point() else example.dtype
+        self._placement = [(t.dtype, t.device) for _, t, _ in self._watched]
 
     def _apply(self, fn, recurse=True):
-        """``engine.to(device or dtype)``: the graphs (and the model's parameters, which they share)
-        move; recorded slots are dropped, since a run in another place or precision is not theirs."""
-        out = super()._apply(fn, recurse)
-        if not hasattr(self, "_watched"):
-            return out  # during construction
-        probe = fn(torch.zeros((), dtype=torch.float32))
-        self._device = self._watched[0][1].device if self._watched else probe.device
-        if probe.dtype != torch.float32:
-            self._float_dtype = probe.dtype
-        elif self._watched and self._watched[0][1].is_floating_point():
-            self._float_dtype = self._watched[0][1].dtype
-        if len(self.store):
-            log.warning("engine moved to %s / %s: its %d recorded slot(s) were dropped; the next call records "
-                        "again", self._device, self._float_dtype or "original dtype", len(self.store))
-        self.store.clear()
-        self._pending = None
-        return out
+        """``engine.to(...)``, ``.half()``, ``.cuda()``...: refused before anything changes.
+
+        The captured graphs have the model's dtype and device written into them (casts, tensor
+        factories), so a moved engine would not compute the moved model: compile it again.
+        """
+        if getattr(self, "_watched", None):
+            probe = self._watched[0][1]
+            moved = fn(probe)
+            if moved.dtype != probe.dtype or moved.device != probe.device:
+                raise EngineError(f"a compiled engine cannot move from {probe.dtype} on {probe.device} to "
+                                  f"{moved.dtype} on {moved.device}: its graphs are specialized to both. Move "
+                                  "the model (model.to(...)) and call sigec.compile again")
+        return super()._apply(fn, recurse)
 
     # -- slots --------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -122,7 +115,11 @@ class Engine(torch.nn.Module):
         return tuple((t.data_ptr(), t._version) for _, t, _ in self._watched)
 
     def _check_identity(self) -> None:
-        """Parameters replaced by new objects are invisible to the compiled graphs: recompile."""
+        """Parameters moved or replaced by new objects are not what the graphs compute with."""
+        for (name, t, _), (dtype, device) in zip(self._watched, self._placement):
+            if t.dtype != dtype or t.device != device:
+                raise EngineError(f"the model was moved after compile ({name!r} is now {t.dtype} on {t.device}, "
+                                  f"compiled for {dtype} on {device}): call sigec.compile again")
         model = self._source() if self._source is not None else None
         if model is None:
             return
@@ -160,10 +157,10 @@ class Engine(torch.nn.Module):
                 if self._device is not None and value.device != self._device:
                     raise EngineError(f"input {name!r} is on {value.device} but the engine's weights are on "
                                       f"{self._device}; move the input, or the engine with engine.to(...)")
-                if tuple(value.shape) != tuple(example.shape) or value.dtype != self._dtype_of(example):
+                if tuple(value.shape) != tuple(example.shape) or value.dtype != example.dtype:
                     raise EngineError(
                         f"input {name!r} has shape {tuple(value.shape)} and dtype {value.dtype}, but the "
-                        f"engine was compiled for {tuple(example.shape)} and {self._dtype_of(example)}; compile "
+                        f"engine was compiled for {tuple(example.shape)} and {example.dtype}; compile "
                         "again with example inputs of the new shape")
         return list(flat)
 
@@ -181,13 +178,17 @@ class Engine(torch.nn.Module):
             if mask.dtype != torch.bool:
                 raise EngineError(f"mask must have dtype torch.bool, got {mask.dtype}; use mask > 0.5 "
                                   "or mask.bool()")
+            device = flat[self._spatial_pos[0]].device
+            if mask.device != device:
+                raise EngineError(f"mask is on {mask.device} but the inputs are on {device}; "
+                                  f"move it with mask.to({str(device)!r})")
             batch = self.context.batch
             if tuple(mask.shape) == (batch, *res) and batch > 1:
                 mask = mask.any(dim=0)  # one mask per sample: their union runs in one batched call
             if tuple(mask.shape) != tuple(res):
                 raise EngineError(f"mask has shape {tuple(mask.shape)} but the spatial inputs are "
                                   f"{res[0]}x{res[1]}; pass an H x W boolean mask (or N x H x W, one per sample)")
-            return mask.to(flat[self._spatial_pos[0]].device)
+            return mask
         eps = self.context.settings.eps
         out = None
         for pos, old in zip(self._spatial_pos, slot.spatial_inputs):

@@ -129,7 +129,12 @@ class EngineMachine(RuleBasedStateMachine):
 
     @rule()
     def wrong_input_dtype(self):
-        self._expect_error(lambda: self.engine(self.x.double(), torch.tensor([self.t])), "compiled for")
+        self._expect_error(lambda: self.engine(self.x.half(), torch.tensor([self.t])), "compiled for")
+
+    @rule(dtype=st.sampled_from([torch.float64, torch.float16]))
+    def change_dtype(self, dtype):
+        # graphs are specialized to their dtype: moving is refused, and nothing changes
+        self._expect_error(lambda: self.engine.to(dtype), "cannot move from")
 
 
 EngineMachine.TestCase.settings = settings(

@@ -169,22 +169,27 @@ def test_per_sample_masks_are_unioned_into_one_batched_call():
         engine(x2, mask=torch.zeros(3, 16, 16, dtype=torch.bool))
 
 
-def test_engine_to_dtype_drops_slots_and_follows_the_new_dtype():
+def test_moving_an_engine_is_refused_before_anything_changes():
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 3, padding=1)).eval()
     x = torch.randn(1, 3, 16, 16)
     engine = sigec.compile(model, (x,), policy="exact", block_size=4)
+    recorded = engine(x)
+    for move in (lambda: engine.to(torch.float64), lambda: engine.half(), lambda: engine.to("meta")):
+        with pytest.raises(EngineError, match="cannot move from torch.float32 on cpu"):
+            move()
+    assert model[0].weight.dtype == torch.float32 and len(engine.store) == 1
+    assert torch.equal(engine(x), recorded)
+    engine.to("cpu")  # no move: allowed
+
+
+def test_model_moved_after_compile_is_detected():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1)).eval()
+    x = torch.randn(1, 3, 16, 16)
+    engine = sigec.compile(model, (x,))
     engine(x)
-    engine.to(torch.float64)  # the parameters are the model's: it follows, as with model.to
-    assert len(engine.store) == 0 and model[0].weight.dtype == torch.float64
-    with pytest.raises(EngineError, match="compiled for"):
-        engine(x)  # float32 input for a float64 engine
-    xd = x.double()
-    engine(xd)
-    x2 = xd.clone()
-    x2[..., 2:5, 2:5] += 1
-    torch.testing.assert_close(engine(x2), model(x2))
-    engine.to("cpu")  # same place: still consistent
-    assert torch.equal(engine(x2), engine(x2))
+    model.double()
+    with pytest.raises(EngineError, match="the model was moved after compile"):
+        engine(x.double())
 
 
 def test_block_sizes_at_the_extremes():
@@ -214,3 +219,36 @@ def test_cache_in_a_narrower_storage_dtype(policy):
     torch.testing.assert_close(out, wide(x2), rtol=2e-2, atol=2e-2)
     narrow.commit()
     assert all(c.dtype in (torch.bfloat16, torch.float32) for c in narrow.store.get(narrow.store.keys()[0]).caches)
+
+
+def test_wrong_devices_are_named():
+    model = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    engine = sigec.compile(model, (x,))
+    engine(x)
+    with pytest.raises(EngineError, match="is on meta but the engine's weights are on cpu"):
+        engine(x.to("meta"))
+    with pytest.raises(EngineError, match="mask is on meta but the inputs are on cpu"):
+        engine(x, mask=torch.ones(8, 8, dtype=torch.bool, device="meta"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_models_compute_in_their_dtype(dtype):
+    model = _model().to(dtype)
+    x = torch.randn(1, 3, 16, 16, dtype=dtype)
+    engine = sigec.compile(model, (x,), block_size=4)
+    reference = ReferenceRuntime(engine.graph_module)
+    assert torch.equal(engine(x), reference.record([x])[0])
+    x2 = _edit(x)
+    out = engine(x2)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, reference.run([x2], engine.last_stats["input_mask"])[0], rtol=2e-2, atol=2e-2)
+
+
+def test_named_slot_that_was_never_recorded():
+    model = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    engine = sigec.compile(model, (x,))
+    engine(x)
+    with engine.slot("never-recorded"), pytest.raises(EngineError, match="no recorded run for slot 'never-recorded'"):
+        engine(x, mask=torch.ones(8, 8, dtype=torch.bool))
