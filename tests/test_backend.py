@@ -43,6 +43,26 @@ def test_no_graph_breaks(unet, inputs):
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
 
 
+def test_vae_decoder_one_graph_and_equal_to_sigec_compile():
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+                        layers_per_block=1).eval()
+    z = torch.randn(1, 4, 16, 16)
+    z_edit = z.clone()
+    z_edit[:, :, 3:7, 4:9] += 1
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(vae.decoder)(z).graph_break_count == 0
+    torch._dynamo.reset()
+    compiled = torch.compile(vae.decoder, backend="sigec")
+    compiled(z)
+    engine = sigec.compile(vae.decoder, (z,))
+    engine(z)
+    assert torch.equal(compiled(z_edit), engine(z_edit))
+
+
 def test_inside_a_compiled_sampling_step(unet, inputs):
     x, x_edit, t = inputs
     torch._dynamo.reset()
