@@ -33,9 +33,11 @@ class Engine(torch.nn.Module):
     """Runs a model incrementally.
 
     The first call for a cache slot records (a dense run that keeps what later edits need).
-    Later calls compare the spatial inputs with the recorded ones (or take ``mask=``, an H x W
-    boolean tensor) and recompute only the affected blocks. Slots are chosen by the values of
-    the non-spatial inputs (for example the timestep) or named with ``with engine.slot(name):``.
+    Later calls compare the spatial inputs with the recorded ones and recompute only the affected
+    blocks. ``mask=`` (H x W, or N x H x W per sample, boolean) is authoritative instead: only what
+    it covers is recomputed, and pixels outside it keep their recorded values even where the input
+    changed. Slots are chosen by the values of the non-spatial inputs (for example the timestep)
+    or named with ``with engine.slot(name):``.
 
     Attributes:
         graph_module: the analysed dense graph (``node.meta`` holds the plan).
