@@ -4,7 +4,8 @@
   configuration; ``"church-small"`` has its block structure with fewer channels; ``"demo"`` is
   the small DDPM-style UNet ``sigec demo`` uses.
 * ``SpadeGenerator`` - a GauGAN-style generator (SPADE residual blocks, nearest up-sampling),
-  written from the paper's description.
+  written from the paper's description; ``spade_generator()`` is a small one and
+  ``gaugan_cityscapes()`` the paper's Cityscapes configuration (256x512, about 281 GMACs).
 """
 from __future__ import annotations
 
@@ -60,14 +61,15 @@ class Spade(nn.Module):
 
 
 class SpadeResBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, label_channels: int):
+    def __init__(self, cin: int, cout: int, label_channels: int, hidden: int = 32):
         super().__init__()
         mid = min(cin, cout)
-        self.norm_0, self.conv_0 = Spade(cin, label_channels), nn.Conv2d(cin, mid, 3, padding=1)
-        self.norm_1, self.conv_1 = Spade(mid, label_channels), nn.Conv2d(mid, cout, 3, padding=1)
+        self.norm_0, self.conv_0 = Spade(cin, label_channels, hidden), nn.Conv2d(cin, mid, 3, padding=1)
+        self.norm_1, self.conv_1 = Spade(mid, label_channels, hidden), nn.Conv2d(mid, cout, 3, padding=1)
         self.learned_shortcut = cin != cout
         if self.learned_shortcut:
-            self.norm_s, self.conv_s = Spade(cin, label_channels), nn.Conv2d(cin, cout, 1, bias=False)
+            self.norm_s = Spade(cin, label_channels, hidden)
+            self.conv_s = nn.Conv2d(cin, cout, 1, bias=False)
 
     def forward(self, x: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
         xs = self.conv_s(self.norm_s(x, seg)) if self.learned_shortcut else x
@@ -77,42 +79,95 @@ class SpadeResBlock(nn.Module):
 
 
 class SpadeGenerator(nn.Module):
-    """GauGAN-style generator: label map -> image, starting from the down-sampled label map."""
+    """GauGAN-style generator: label map -> image, starting from the down-sampled label map.
 
-    def __init__(self, label_channels: int = 8, base: int = 32, levels: int = 4, start: int = 8):
+    ``stages`` lists the SPADE residual blocks as ``(in channels, out channels, upsample first)``;
+    the input is the label map, resized to ``start`` (height, width) and convolved to the first
+    block's channels.
+    """
+
+    def __init__(self, label_channels: int, stages: list[tuple[int, int, bool]], start: tuple[int, int],
+                 hidden: int = 32):
         super().__init__()
         self.start = start
-        chans = [base * 2 ** max(0, levels - 1 - i) for i in range(levels + 1)]
-        self.fc = nn.Conv2d(label_channels, chans[0], 3, padding=1)
-        self.head = SpadeResBlock(chans[0], chans[0], label_channels)
-        self.blocks = nn.ModuleList(SpadeResBlock(chans[i], chans[i + 1], label_channels) for i in range(levels))
-        self.conv_img = nn.Conv2d(chans[-1], 3, 3, padding=1)
+        self.fc = nn.Conv2d(label_channels, stages[0][0], 3, padding=1)
+        self.blocks = nn.ModuleList(SpadeResBlock(cin, cout, label_channels, hidden) for cin, cout, _ in stages)
+        self.upsample_first = [up for _, _, up in stages]
+        self.conv_img = nn.Conv2d(stages[-1][1], 3, 3, padding=1)
 
     def forward(self, seg: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(seg, size=(self.start, self.start), mode="nearest")
-        x = self.head(self.fc(x), seg)
-        for block in self.blocks:
-            x = block(F.interpolate(x, scale_factor=2.0, mode="nearest"), seg)
+        x = self.fc(F.interpolate(seg, size=self.start, mode="nearest"))
+        for block, up in zip(self.blocks, self.upsample_first):
+            if up:
+                x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+            x = block(x, seg)
         return torch.tanh(self.conv_img(F.leaky_relu(x, 0.2)))
 
 
-def spade_generator(label_channels: int = 8, seed: int = 0, **kwargs) -> SpadeGenerator:
-    """A seeded ``SpadeGenerator`` in eval mode, with non-trivial batch-norm running statistics."""
-    torch.manual_seed(seed)
-    model = SpadeGenerator(label_channels, **kwargs)
+def _seeded(model: nn.Module, seed: int) -> nn.Module:
+    """Eval mode, with non-trivial batch-norm running statistics (random weights otherwise)."""
+    g = torch.Generator().manual_seed(seed)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
     return model.eval()
 
 
-def label_map(label_channels: int, size: int, seed: int = 0) -> torch.Tensor:
-    """A one-hot label map of random rectangles (like a coarse segmentation)."""
+def spade_generator(label_channels: int = 8, seed: int = 0, base: int = 32, levels: int = 4,
+                    start: "int | tuple[int, int]" = 8) -> SpadeGenerator:
+    """A small seeded SPADE generator: a head block, then ``levels`` up-sampling blocks from a
+    ``start`` (height, width) grid, which should have the label map's aspect ratio."""
+    torch.manual_seed(seed)
+    chans = [base * 2 ** max(0, levels - 1 - i) for i in range(levels + 1)]
+    stages = [(chans[0], chans[0], False)] + [(chans[i], chans[i + 1], True) for i in range(levels)]
+    start = (start, start) if isinstance(start, int) else tuple(start)
+    return _seeded(SpadeGenerator(label_channels, stages, start), seed)
+
+
+def gaugan_cityscapes(seed: int = 0, ngf: int = 64) -> SpadeGenerator:
+    """GauGAN's Cityscapes generator: 35 labels plus an instance-edge channel, 256x512 output,
+    ngf 64, the "more" up-sampling setting (a 4x8 start, six up-samplings), SPADE hidden width 128,
+    parameter-free batch norm. Random weights, seeded."""
+    torch.manual_seed(seed)
+    nf = ngf
+    stages = [(16 * nf, 16 * nf, False),  # head_0
+              (16 * nf, 16 * nf, True),   # G_middle_0
+              (16 * nf, 16 * nf, True),   # G_middle_1 ("more": an extra up-sampling before it)
+              (16 * nf, 8 * nf, True),    # up_0
+              (8 * nf, 4 * nf, True),     # up_1
+              (4 * nf, 2 * nf, True),     # up_2
+              (2 * nf, 1 * nf, True)]     # up_3
+    return _seeded(SpadeGenerator(36, stages, (4, 8), hidden=128), seed)
+
+
+def label_map(label_channels: int, size: int, seed: int = 0, width: int | None = None,
+              edge_channel: bool = False) -> torch.Tensor:
+    """A one-hot ``(1, C, size, width)`` label map of random rectangles (a coarse segmentation).
+
+    With ``edge_channel`` the last of the ``label_channels`` channels is an instance-edge map
+    (1 where the label changes), as GauGAN's Cityscapes input has.
+    """
+    width = width or size
+    classes = label_channels - 1 if edge_channel else label_channels
     g = torch.Generator().manual_seed(seed)
-    labels = torch.zeros(size, size, dtype=torch.long)
+    labels = torch.zeros(size, width, dtype=torch.long)
     for _ in range(12):
-        y, x = torch.randint(0, size, (2,), generator=g).tolist()
-        h, w = torch.randint(size // 8, size // 2, (2,), generator=g).tolist()
-        labels[y:y + h, x:x + w] = int(torch.randint(0, label_channels, (1,), generator=g))
-    return F.one_hot(labels, label_channels).permute(2, 0, 1)[None].float()
+        y, x = torch.randint(0, size, (1,), generator=g).item(), torch.randint(0, width, (1,), generator=g).item()
+        h = int(torch.randint(size // 8, size // 2, (1,), generator=g))
+        w = int(torch.randint(width // 8, width // 2, (1,), generator=g))
+        labels[y:y + h, x:x + w] = int(torch.randint(0, classes, (1,), generator=g))
+    onehot = F.one_hot(labels, classes).permute(2, 0, 1)[None].float()
+    if not edge_channel:
+        return onehot
+    return torch.cat([onehot, instance_edges(labels)[None, None]], dim=1)
+
+
+def instance_edges(labels: torch.Tensor) -> torch.Tensor:
+    """1.0 where a pixel's label differs from a 4-neighbour's, else 0.0 (GauGAN's edge map)."""
+    edge = torch.zeros(labels.shape, dtype=torch.bool)
+    edge[:, 1:] |= labels[:, 1:] != labels[:, :-1]
+    edge[:, :-1] |= labels[:, 1:] != labels[:, :-1]
+    edge[1:, :] |= labels[1:, :] != labels[:-1, :]
+    edge[:-1, :] |= labels[1:, :] != labels[:-1, :]
+    return edge.float()

@@ -1,0 +1,20 @@
+"""The benchmark scripts' --quick modes run end to end and report consistent rows."""
+import json
+
+import pytest
+
+from benchmarks import church256, spade256x512
+
+
+@pytest.mark.parametrize("module", [church256, spade256x512])
+def test_quick_mode(module, tmp_path):
+    out = tmp_path / "result.json"
+    result = module.main(["--quick", "--no-timing", "--json", str(out)])
+    rows = result["rows"]
+    assert [r["fraction"] for r in rows] == [0.05, 0.0]  # the all-false mask is always measured
+    edit, empty = rows
+    assert 0 < edit["incremental_macs"] < edit["dense_macs"] and edit["active_blocks"] > 0
+    assert edit["psnr_db"] > 20 and edit["cache_bytes"] > 0
+    assert empty["incremental_macs"] == 0 and empty["psnr_db"] == float("inf")
+    saved = json.loads(out.read_text())
+    assert saved["rows"][0]["dense_macs"] == edit["dense_macs"]
