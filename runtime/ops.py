@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 ACTIVATIONS = ("none", "silu", "relu", "leaky_relu", "gelu", "gelu_tanh", "sigmoid", "tanh")
-PAD_MODES = ("constant", "replicate", "reflect")
 
 
 def apply_activation(x: Tensor, activation: str, slope: float) -> Tensor:

@@ -29,6 +29,20 @@ class EngineError(RuntimeError):
     """Misuse of an engine: editing before recording, wrong mask, wrong input shape, ..."""
 
 
+def _owners(model: torch.nn.Module, names: list[str]) -> list:
+    """``(weakref to the submodule, attribute)`` holding each named parameter or buffer; the
+    reference is dead when the model has no such submodule (the name then is never checked)."""
+    owners = []
+    for name in names:
+        path, _, leaf = name.rpartition(".")
+        try:
+            module = model.get_submodule(path) if path else model
+        except AttributeError:
+            module = None
+        owners.append((weakref.ref(module) if module is not None else (lambda: None), leaf))
+    return owners
+
+
 class Engine(torch.nn.Module):
     """Runs a model incrementally.
 
@@ -77,7 +91,8 @@ class Engine(torch.nn.Module):
         # objects, so in-place updates show up in their version counters.
         self._watched = [(name, t, id(t)) for name, t in
                          chain(graph_module.named_parameters(), graph_module.named_buffers())]
-        self._source = weakref.ref(source) if source is not None else None
+        # where each watched tensor lives in the user's model, to see it replaced by another
+        self._owners = _owners(source, [name for name, _, _ in self._watched]) if source is not None else []
         self._lock = threading.RLock()
         self._device = self._watched[0][1].device if self._watched else None
         self._placement = [(t.dtype, t.device) for _, t, _ in self._watched]
@@ -122,12 +137,10 @@ class Engine(torch.nn.Module):
             if t.dtype != dtype or t.device != device:
                 raise EngineError(f"the model was moved after compile ({name!r} is now {t.dtype} on {t.device}, "
                                   f"compiled for {dtype} on {device}): call sigec.compile again")
-        model = self._source() if self._source is not None else None
-        if model is None:
-            return
-        current = dict(chain(model.named_parameters(), model.named_buffers()))
-        for name, _, ident in self._watched:
-            if name in current and id(current[name]) != ident:
+        for (name, _, ident), (owner, leaf) in zip(self._watched, self._owners):
+            module = owner()
+            current = None if module is None else module._parameters.get(leaf, module._buffers.get(leaf))
+            if current is not None and id(current) != ident:
                 raise EngineError(f"parameter or buffer {name!r} was replaced by a new tensor after compile; "
                                   "the compiled graphs still read the old one: call sigec.compile again")
 

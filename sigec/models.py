@@ -44,6 +44,16 @@ def ddpm_unet(name: str = "demo", seed: int = 0, resolution: int | None = None) 
     return UNet2DModel(**config).eval()
 
 
+def autoencoder_kl(channels: tuple[int, ...] = (32, 64), norm_num_groups: int = 16, seed: int = 0) -> nn.Module:
+    """A small diffusers ``AutoencoderKL`` (two levels, 4 latent channels), seeded, in eval mode."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(block_out_channels=channels, down_block_types=("DownEncoderBlock2D",) * len(channels),
+                         up_block_types=("UpDecoderBlock2D",) * len(channels), latent_channels=4,
+                         norm_num_groups=norm_num_groups, layers_per_block=1).eval()
+
+
 class Spade(nn.Module):
     """Spatially-adaptive normalization: param-free norm modulated by convs of the label map."""
 

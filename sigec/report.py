@@ -79,7 +79,8 @@ def _incremental_macs(node, stats) -> tuple[Optional[int], Optional[int], Option
     if decision is not DecisionKind.SPARSE or node.meta[K.GRID] is None:
         return dense, None, frac
     block = node.meta[K.GRID]
-    count = int(M.active_blocks(stats["masks"][mask], block).shape[0])
+    blocks = stats["blocks"].get((mask, tuple(block)))  # reduced already when the graph reads it
+    count = int((blocks if blocks is not None else M.active_blocks(stats["masks"][mask], block)).shape[0])
     return int(round(count * block[0] * block[1] * macs_per_output_pixel(node))), count, frac
 
 

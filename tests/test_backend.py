@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 import sigec
-from sigec.models import ddpm_unet
+from sigec.models import autoencoder_kl, ddpm_unet
 
 
 @pytest.fixture(scope="module")
@@ -44,12 +44,7 @@ def test_no_graph_breaks(unet, inputs):
 
 
 def test_vae_decoder_one_graph_and_equal_to_sigec_compile():
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
-                        layers_per_block=1).eval()
+    vae = autoencoder_kl((16, 32), norm_num_groups=8)
     z = torch.randn(1, 4, 16, 16)
     z_edit = z.clone()
     z_edit[:, :, 3:7, 4:9] += 1

@@ -41,7 +41,7 @@ class IncrementalSignature:
     """Positions of the incremental graph's inputs and outputs.
 
     Attributes:
-        num_user_inputs: flat user inputs first.
+        (The flat user inputs come first, in the captured graph's order.)
         caches: ``(node name, kind)`` of each cached tensor input, in order.
         blocks: ``(mask, block)`` of each block-index input, in order.
         pixel_masks: mask expressions passed as ``(1, 1, H, W)`` boolean inputs, in order.
@@ -49,7 +49,6 @@ class IncrementalSignature:
         updated: ``(node name)`` of each updated cached value returned after the outputs.
     """
 
-    num_user_inputs: int
     caches: list = dataclasses.field(default_factory=list)
     blocks: list = dataclasses.field(default_factory=list)
     pixel_masks: list = dataclasses.field(default_factory=list)
@@ -79,7 +78,7 @@ class _Emitter:
         self.slot_constants = slot_constants(gm)
         self.g = Graph()
         self.reps: dict[Node, _Rep] = {}
-        self.sig = IncrementalSignature(0)
+        self.sig = IncrementalSignature()
         self._cache_ph: dict = {}
         self._block_ph: dict = {}
         self._mask_ph: dict = {}
@@ -185,7 +184,6 @@ class _Emitter:
     def emit(self, node: Node) -> None:
         if node.op == "placeholder":
             ph = self._placeholder(node.name, node)
-            self.sig.num_user_inputs += 1
             self.reps[node] = _Rep(ph, "full" if _is_image(node) else "plain")
             return
         if node.op == "get_attr":
