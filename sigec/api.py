@@ -19,7 +19,9 @@ def compile(model: "torch.nn.Module | torch.export.ExportedProgram", example_arg
             block_size: BlockSize = None, expected_active_fraction: float = 0.15,
             spatial_inputs=None, cache_budget_bytes: Optional[int] = None,
             on_cache_full: str = "evict", on_stale: str = "rerecord",
-            cache_dtype: Optional[torch.dtype] = None) -> Engine:
+            cache_dtype: Optional[torch.dtype] = None, temporal=None, scheduler=None,
+            tiles: Optional[tuple[int, int]] = None, tile_size: "int | tuple[int, int] | None" = None,
+            norm_stats: str = "exact"):
     """Compile ``model`` into an incremental ``Engine``.
 
     Args:
@@ -37,7 +39,32 @@ def compile(model: "torch.nn.Module | torch.export.ExportedProgram", example_arg
         cache_dtype: storage dtype of the cached activations (for example ``torch.bfloat16`` to
             halve the cache of an fp32 model); computation stays in the model's dtype, and an
             unedited input still returns the recorded output bit for bit.
+        temporal, scheduler: reuse across denoising steps (``sigec.temporal``): a cut and schedule
+            such as ``sigec.temporal.DeepCache(interval=3, branch=0)``, and the diffusers scheduler
+            whose ``timesteps`` give the step index.
+        tiles, tile_size, norm_stats: patch-by-patch execution in bounded memory (``sigec.tiling``):
+            a (rows, cols) grid or a tile size in output pixels; ``norm_stats`` is ``"exact"``
+            (statistics synchronized across tiles) or ``"preview"`` (estimated, an approximation).
     """
+    options = dict(policy=policy, eps=eps, dilation=dilation, threshold=threshold, block_size=block_size,
+                   expected_active_fraction=expected_active_fraction, spatial_inputs=spatial_inputs,
+                   cache_budget_bytes=cache_budget_bytes, on_cache_full=on_cache_full, on_stale=on_stale,
+                   cache_dtype=cache_dtype)
+    if temporal is not None:
+        from sigec.temporal import compile_temporal
+        return compile_temporal(model, example_args, example_kwargs, temporal=temporal, scheduler=scheduler,
+                                **options)
+    if tiles is not None or tile_size is not None:
+        from sigec.tiling import compile_tiled
+        return compile_tiled(model, example_args, example_kwargs, tiles=tiles, tile_size=tile_size,
+                             norm_stats=norm_stats, **options)
+    return _compile_spatial(model, example_args, example_kwargs, **options)
+
+
+def _compile_spatial(model, example_args, example_kwargs, *, policy, eps, dilation, threshold, block_size,
+                     expected_active_fraction, spatial_inputs, cache_budget_bytes, on_cache_full, on_stale,
+                     cache_dtype) -> Engine:
+    """The spatial (edit-incremental) engine: capture, analysis passes, both codegens, an ``Engine``."""
     if example_kwargs and "mask" in example_kwargs:
         raise ValueError("the model takes a keyword input named 'mask', which is the engine's own edit-mask "
                          "argument; pass the model's mask positionally in example_args (and in calls)")

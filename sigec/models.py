@@ -3,6 +3,9 @@
 * ``ddpm_unet(name)`` - diffusers ``UNet2DModel``: ``"church256"`` is the DDPM LSUN-church-256
   configuration; ``"church-small"`` has its block structure with fewer channels; ``"demo"`` is
   the small DDPM-style UNet ``sigec demo`` uses.
+* ``sd_unet(name)`` - diffusers ``UNet2DConditionModel``: ``"sd1"`` is the Stable Diffusion 1.x
+  configuration (64x64 latent, cross-attention dim 768); ``"sd-tiny"`` has its block structure
+  with few channels, for tests.
 * ``SpadeGenerator`` - a GauGAN-style generator (SPADE residual blocks, nearest up-sampling),
   written from the paper's description; ``spade_generator()`` is a small one and
   ``gaugan_cityscapes()`` the paper's Cityscapes configuration (256x512, about 281 GMACs).
@@ -42,6 +45,29 @@ def ddpm_unet(name: str = "demo", seed: int = 0, resolution: int | None = None) 
         config["sample_size"] = resolution
     torch.manual_seed(seed)
     return UNet2DModel(**config).eval()
+
+
+SD_UNET_CONFIGS = {
+    # Stable Diffusion 1.x: UNet2DConditionModel's defaults with a 768-wide text embedding
+    "sd1": dict(sample_size=64, in_channels=4, out_channels=4, cross_attention_dim=768, attention_head_dim=8),
+    "sd-tiny": dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+                    block_out_channels=(32, 64, 64, 64), norm_num_groups=8, cross_attention_dim=32,
+                    attention_head_dim=8),
+}
+
+
+def sd_unet(name: str = "sd-tiny", seed: int = 0) -> nn.Module:
+    """A diffusers ``UNet2DConditionModel`` from a named configuration, seeded, in eval mode.
+
+    Call it as ``unet(latent, t, encoder_hidden_states=text)`` with ``text`` of shape
+    ``(batch, 77, cross_attention_dim)``.
+    """
+    from diffusers import UNet2DConditionModel
+
+    if name not in SD_UNET_CONFIGS:
+        raise ValueError(f"unknown UNet2DConditionModel configuration {name!r}; choose from {sorted(SD_UNET_CONFIGS)}")
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**SD_UNET_CONFIGS[name]).eval()
 
 
 def autoencoder_kl(channels: tuple[int, ...] = (32, 64), norm_num_groups: int = 16, seed: int = 0) -> nn.Module:
