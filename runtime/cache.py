@@ -44,6 +44,9 @@ class Slot:
     nonspatial_fingerprint: str
     #: ``(data_ptr, version)`` of every watched parameter and buffer when the slot was recorded
     state_versions: tuple = ()
+    #: blocks an uncommitted edit overwrote in the in-place caches: ``(cache position, block
+    #: indices, block size, the recorded blocks)`` each; restored before the slot's next run
+    dirty: Optional[list] = None
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.spatial_inputs + self.caches + self.outputs

@@ -113,21 +113,65 @@ def _(x, indices, window, stride, offset, pad_mode, pad_value, scale, shift, act
 # scatter
 
 
-def _scatter_into(out: Tensor, blocks: Tensor, indices: Tensor, block: list[int]) -> Tensor:
+def _block_pixels(indices: Tensor, block: list[int], h: int, w: int) -> tuple[Tensor, Optional[Tensor]]:
+    """Flat ``H*W`` positions of the blocks' pixels, block-major, and which lie inside the tensor
+    (``None`` when all do: blocks running past the bottom/right edge are dropped there)."""
+    rows = _window_coords(indices, block[0], block[0], 0, 0)
+    cols = _window_coords(indices, block[1], block[1], 0, 1)
+    flat = (rows[:, :, None] * w + cols[:, None, :]).reshape(-1)
+    inside = ((rows[:, :, None] < h) & (cols[:, None, :] < w)).reshape(-1)
+    return flat, (None if bool(inside.all()) else inside)
+
+
+def _write_blocks(out: Tensor, blocks: Tensor, indices: Tensor, block: list[int]) -> None:
+    """Write ``blocks`` into ``out`` at the active blocks, in place.
+
+    ``out`` is NCHW-contiguous or channels-last; either way the pixels are one flat axis of a
+    view, so one ``index_copy_`` writes every block.
+    """
     n, c, h, w = out.shape
     nb = indices.shape[0]
     if nb == 0:
-        return out
-    rows = _window_coords(indices, block[0], block[0], 0, 0)
-    cols = _window_coords(indices, block[1], block[1], 0, 1)
-    flat = rows[:, :, None] * w + cols[:, None, :]  # (nb, bh, bw)
+        return
+    flat, inside = _block_pixels(indices, block, h, w)
     vals = blocks.reshape(nb, n, c, block[0] * block[1]).permute(1, 2, 0, 3).reshape(n, c, -1)
-    inside = ((rows[:, :, None] < h) & (cols[:, None, :] < w)).reshape(-1)
-    flat = flat.reshape(-1)
-    if not bool(inside.all()):  # blocks running past the edge: drop those pixels
+    if inside is not None:
         flat, vals = flat[inside], vals[:, :, inside]
-    out.view(n, c, h * w).index_copy_(2, flat, vals.to(out.dtype))
-    return out
+    vals = vals.to(out.dtype)
+    if out.is_contiguous():
+        out.view(n, c, h * w).index_copy_(2, flat, vals)
+    elif out.is_contiguous(memory_format=torch.channels_last):
+        out.permute(0, 2, 3, 1).view(n, h * w, c).index_copy_(1, flat, vals.transpose(1, 2))
+    else:
+        raise ValueError(f"sigec.scatter_ writes into NCHW-contiguous or channels-last tensors; got strides "
+                         f"{out.stride()} for shape {tuple(out.shape)}")
+
+
+@torch.library.custom_op("sigec::scatter_", mutates_args=("base",))
+def scatter_(base: Tensor, blocks: Tensor, indices: Tensor, block: list[int]) -> None:
+    """Write the active blocks into ``base`` in place (a persistent working buffer: the cost is
+    proportional to the active area, never to the tensor's size)."""
+    _write_blocks(base, blocks, indices, block)
+
+
+@scatter_.register_fake
+def _(base, blocks, indices, block):
+    return None
+
+
+@torch.library.custom_op("sigec::scatter_gather_", mutates_args=("base",))
+def scatter_gather_(base: Tensor, blocks: Tensor, indices: Tensor, block: list[int], gather_indices: Tensor,
+                    window: list[int], stride: list[int], offset: list[int], pad_mode: str,
+                    pad_value: float) -> Tensor:
+    """``scatter_`` into ``base``, then the windows of the updated ``base`` at ``gather_indices``."""
+    _write_blocks(base, blocks, indices, block)
+    return gather(base, gather_indices, window, stride, offset, pad_mode, pad_value, None, None, "none", 0.0)
+
+
+@scatter_gather_.register_fake
+def _(base, blocks, indices, block, gather_indices, window, stride, offset, pad_mode, pad_value):
+    nb = gather_indices.shape[0]
+    return base.new_empty((nb * base.shape[0], base.shape[1], window[0], window[1]))
 
 
 def _working_copy(base: Tensor, blocks: Tensor) -> Tensor:
@@ -137,8 +181,11 @@ def _working_copy(base: Tensor, blocks: Tensor) -> Tensor:
 @torch.library.custom_op("sigec::scatter", mutates_args=())
 def scatter(blocks: Tensor, base: Tensor, indices: Tensor, block: list[int]) -> Tensor:
     """``base`` with the active blocks replaced by ``blocks``: a new contiguous tensor in the
-    dtype of ``blocks`` (the cache may be stored narrower; the copy widens it)."""
-    return _scatter_into(_working_copy(base, blocks), blocks, indices, block)
+    dtype of ``blocks``. Used where the cache is stored narrower than the model computes (the
+    copy widens it); otherwise the in-place ``scatter_`` is used."""
+    out = _working_copy(base, blocks)
+    _write_blocks(out, blocks, indices, block)
+    return out
 
 
 @scatter.register_fake
@@ -151,7 +198,7 @@ def scatter_gather(blocks: Tensor, base: Tensor, indices: Tensor, block: list[in
                    gather_indices: Tensor, window: list[int], stride: list[int], offset: list[int],
                    pad_mode: str, pad_value: float) -> tuple[Tensor, Tensor]:
     """``scatter`` followed by a ``gather`` of the result: returns ``(full, windows)``."""
-    full = _scatter_into(_working_copy(base, blocks), blocks, indices, block)
+    full = scatter(blocks, base, indices, block)
     windows = gather(full, gather_indices, window, stride, offset, pad_mode, pad_value,
                      None, None, "none", 0.0)
     return full, windows
@@ -234,6 +281,8 @@ ALL_OPS = {
     "gather": torch.ops.sigec.gather.default,
     "scatter": torch.ops.sigec.scatter.default,
     "scatter_gather": torch.ops.sigec.scatter_gather.default,
+    "scatter_": torch.ops.sigec.scatter_.default,
+    "scatter_gather_": torch.ops.sigec.scatter_gather_.default,
     "residual_add": torch.ops.sigec.residual_add.default,
     "affine_act": torch.ops.sigec.affine_act.default,
     "tile_blocks": torch.ops.sigec.tile_blocks.default,

@@ -80,7 +80,10 @@ def _compile_spatial(model, example_args, example_kwargs, *, policy, eps, dilati
     captured = capture(model, example_args, example_kwargs)
     ctx = PassContext(settings)
     gm = run_passes(captured.gm, ctx, ANALYSIS_PASSES)
-    incremental, signature = emit_incremental(gm, ctx.batch)
+    # scatters write into the cached tensors in place unless the cache is stored narrower
+    model_dtypes = {p.dtype for p in gm.parameters() if p.is_floating_point()}
+    inplace = cache_dtype is None or model_dtypes == {cache_dtype}
+    incremental, signature = emit_incremental(gm, ctx.batch, inplace=inplace)
     incremental = run_passes(incremental, ctx, INCREMENTAL_PASSES)
     recording = emit_recording(gm, signature)
     store = SlotStore(cache_budget_bytes, on_cache_full)

@@ -43,6 +43,25 @@ def _owners(model: torch.nn.Module, names: list[str]) -> list:
     return owners
 
 
+def _nchw(t: torch.Tensor, nhwc: bool) -> torch.Tensor:
+    """The NCHW view of a cached value (NHWC values are permuted, as the graph does)."""
+    return t.permute(0, 3, 1, 2) if nhwc else t
+
+
+def _writable(t: torch.Tensor, nhwc: bool) -> torch.Tensor:
+    """``t`` in a layout ``sigec.scatter_`` writes into: its NCHW view must be NCHW-contiguous or
+    channels-last (one copy at record time if the model produced another layout)."""
+    view = _nchw(t, nhwc)
+    if view.is_contiguous() or view.is_contiguous(memory_format=torch.channels_last):
+        return t
+    return t.contiguous()
+
+
+def _read_blocks(t: torch.Tensor, indices: torch.Tensor, block: list) -> torch.Tensor:
+    """The blocks of the NCHW tensor ``t`` at ``indices`` (a copy)."""
+    return torch.ops.sigec.gather(t, indices, block, block, [0, 0], "constant", 0.0, None, None, "none", 0.0)
+
+
 class Engine(torch.nn.Module):
     """Runs a model incrementally.
 
@@ -87,6 +106,9 @@ class Engine(torch.nn.Module):
         # constants and normalization affines are small and used as they are)
         self._narrowable = {i for i, (name, kind) in enumerate(signature.caches)
                             if kind == VALUE and name in set(signature.updated)}
+        # caches the incremental graph overwrites in place: (cache position, block-index position,
+        # block size); their overwritten blocks are saved before a run and restored before the next
+        self._inplace = [(c, b, list(signature.blocks[b][1]), nhwc) for c, b, nhwc in signature.inplace]
         # (name, tensor, identity) of every parameter and buffer the graphs read; the model's own
         # objects, so in-place updates show up in their version counters.
         self._watched = [(name, t, id(t)) for name, t in
@@ -250,6 +272,11 @@ class Engine(torch.nn.Module):
         results = list(self.recording(*flat))
         n_out = self.signature.num_outputs
         outputs, caches = results[:n_out], [self._store_dtype(i, c) for i, c in enumerate(results[n_out:])]
+        for pos, _, _, nhwc in self._inplace:
+            caches[pos] = _writable(caches[pos], nhwc)
+        # an output that is also a working buffer would change under later edits
+        buffers = {id(caches[pos]) for pos, _, _, _ in self._inplace}
+        outputs = [o.clone() if id(o) in buffers else o for o in outputs]
         spatial = [flat[p].detach().clone() for p in self._spatial_pos]
         self.store.put(key, Slot(spatial, caches, outputs, fp, self._state_versions()))
         self._pending = None
@@ -257,6 +284,7 @@ class Engine(torch.nn.Module):
         return self._unflatten([o.clone() if isinstance(o, torch.Tensor) else o for o in outputs])
 
     def _incremental(self, flat: list, key, slot: Slot, input_mask: torch.Tensor) -> Any:
+        self._restore(slot)
         if not bool(input_mask.any()):
             self.last_stats = {"input_mask": input_mask, "masks": {}, "blocks": {}}
             self._pending = None
@@ -264,9 +292,14 @@ class Engine(torch.nn.Module):
         stats = self.mask_stats(input_mask)
         indices = [stats["blocks"][k] for k in self.signature.blocks]
         pixel = [stats["masks"][m][None, None] for m in self.signature.pixel_masks]
+        # saved before anything is written, so a run that fails part-way is undone too
+        slot.dirty = [(pos, indices[b], block, nhwc, _read_blocks(_nchw(slot.caches[pos], nhwc), indices[b], block))
+                      for pos, b, block, nhwc in self._inplace]
         results = list(self.incremental(*flat, *slot.caches, *indices, *pixel))
         n_out = self.signature.num_outputs
-        outputs, updated = results[:n_out], results[n_out:]
+        # outputs may be working buffers, which the next edit overwrites
+        outputs = [o.clone() if isinstance(o, torch.Tensor) else o for o in results[:n_out]]
+        updated = results[n_out:]
         self.last_stats = stats
         self._pending = {"key": key, "outputs": outputs, "updated": dict(zip(self.signature.updated, updated)),
                          "spatial": [flat[p].detach().clone() for p in self._spatial_pos]}
@@ -291,9 +324,19 @@ class Engine(torch.nn.Module):
         for i, (name, kind) in enumerate(self.signature.caches):
             if kind == VALUE and name in p["updated"]:
                 caches[i] = self._store_dtype(i, p["updated"][name])
+        # the in-place caches already hold the edit: committing keeps their blocks (dirty=None)
         self.store.put(p["key"], Slot(p["spatial"], caches, list(p["outputs"]), slot.nonspatial_fingerprint,
                                       slot.state_versions))
         self._pending = None
+
+    @staticmethod
+    def _restore(slot: Slot) -> None:
+        """Put back the blocks an uncommitted edit overwrote in the slot's in-place caches."""
+        if slot.dirty is None:
+            return
+        for pos, indices, block, nhwc, saved in reversed(slot.dirty):
+            torch.ops.sigec.scatter_(_nchw(slot.caches[pos], nhwc), saved, indices, block)
+        slot.dirty = None
 
     def _store_dtype(self, index: int, value: torch.Tensor) -> torch.Tensor:
         if self.cache_dtype is None or index not in self._narrowable or not value.is_floating_point():

@@ -176,3 +176,30 @@ def test_settings_are_validated():
         sigec.compile(nn.Conv2d(1, 1, 1), (torch.randn(1, 1, 4, 4),), policy="fast")
     with pytest.raises(ValueError, match="block_size"):
         sigec.compile(nn.Conv2d(1, 1, 1), (torch.randn(1, 1, 4, 4),), block_size=0)
+
+
+def test_scatters_write_the_cache_in_place_and_undo_uncommitted_edits(setup):
+    """Working buffers: an edit overwrites its blocks of the cached tensors (no full copies), the
+    next edit is still compared with the recording, and returned outputs never change later."""
+    model, x, t = setup
+    engine = sigec.compile(model, (x, t), policy="exact", block_size=4)
+    assert engine.signature.inplace
+    engine(x, t)
+    slot = engine.store.get(engine.store.keys()[0])
+    recorded = [c.clone() for c in slot.caches]
+    pointers = [c.data_ptr() for c in slot.caches]
+    xa, xb = _edit(x, 1, 1), _edit(x, 10, 9)
+    ya = engine(xa, t)["sample"]
+    assert [c.data_ptr() for c in slot.caches] == pointers
+    assert any(not torch.equal(c, r) for c, r in zip(slot.caches, recorded))  # blocks were written
+    ya_kept = ya.clone()
+    yb = engine(xb, t)["sample"]  # the first edit was not committed: it is undone first
+    torch.testing.assert_close(yb, model(xb, t)["sample"], rtol=1e-4, atol=1e-5)
+    assert torch.equal(ya, ya_kept)
+    engine(x, t)  # unedited: restores the recording
+    for c, r in zip(slot.caches, recorded):
+        assert torch.equal(c, r)
+    engine(xa, t)
+    engine.commit()
+    both = _edit(xa, 10, 9)
+    torch.testing.assert_close(engine(both, t)["sample"], model(both, t)["sample"], rtol=1e-4, atol=1e-5)

@@ -10,6 +10,13 @@ position. Each value of the analysed graph is represented in one of three forms:
 
 Conversions are memoized, so a value is scattered at most once and gathered at most once per
 (mask, grid): ``full_of`` scatters blocks into the recorded tensor, ``blocks_of`` gathers.
+
+Scatters write **in place** into the cached tensor (``sigec.scatter_``), which serves as the
+persistent working buffer of its site: the cost is proportional to the active area. The graph
+therefore mutates those cache inputs; ``IncrementalSignature.inplace`` lists them with the blocks
+written, so the engine can save the overwritten blocks before a run and restore them before the
+next one. When the cache is stored in a narrower dtype than the model computes in, scatters copy
+and widen instead (``sigec.scatter``) and the new full value is returned as an updated cache.
 Sparse ops consume blocks; dense ops and fallbacks consume full tensors; a fallback region's
 image outputs are taken inside their mask (``where(mask, new, recorded)``).
 """
@@ -47,6 +54,9 @@ class IncrementalSignature:
         pixel_masks: mask expressions passed as ``(1, 1, H, W)`` boolean inputs, in order.
         num_outputs: flat model outputs first in the results.
         updated: ``(node name)`` of each updated cached value returned after the outputs.
+        inplace: ``(cache position, block-index position, channels-last)`` of each cached tensor
+            the graph overwrites in place, the blocks it writes, and whether the value is NHWC
+            (its blocks are then written through an NCHW view).
     """
 
     caches: list = dataclasses.field(default_factory=list)
@@ -54,6 +64,7 @@ class IncrementalSignature:
     pixel_masks: list = dataclasses.field(default_factory=list)
     num_outputs: int = 0
     updated: list = dataclasses.field(default_factory=list)
+    inplace: list = dataclasses.field(default_factory=list)
 
     def mask_exprs(self) -> list:
         return list(dict.fromkeys([m for m, _ in self.blocks] + list(self.pixel_masks)))
@@ -72,8 +83,9 @@ def _is_image(node) -> bool:
 
 
 class _Emitter:
-    def __init__(self, gm: GraphModule, batch: int):
+    def __init__(self, gm: GraphModule, batch: int, inplace: bool):
         self.batch = batch
+        self.inplace = inplace
         self.by_name = {n.name: n for n in gm.graph.nodes}
         self.slot_constants = slot_constants(gm)
         self.g = Graph()
@@ -147,12 +159,19 @@ class _Emitter:
         if node not in self._full:
             # the sigec ops work in NCHW; channels-last values are permuted around them
             nhwc = node.meta[K.SPATIAL].layout == NHWC
-            blocks, base = rep.node, self.cache(node)
+            cached = self.cache(node)
+            blocks, base = rep.node, cached
             if nhwc:
                 blocks, base = self._permute(blocks, NCHW, node), self._permute(base, NCHW, node)
-            full = self.call(sigec_ops.scatter.default,
-                             (blocks, base, self.indices(rep.mask, rep.block), list(rep.block)), origin=node)
-            self._full[node] = self._permute(full, NHWC, node) if nhwc else full
+            indices = self.indices(rep.mask, rep.block)
+            if self.inplace:
+                self.call(sigec_ops.scatter_.default, (base, blocks, indices, list(rep.block)), origin=node)
+                self.sig.inplace.append((self.sig.caches.index((node.name, VALUE)),
+                                         self.sig.blocks.index((rep.mask, tuple(rep.block))), nhwc))
+                self._full[node] = cached  # read after the write: the graph runs in order
+            else:
+                full = self.call(sigec_ops.scatter.default, (blocks, base, indices, list(rep.block)), origin=node)
+                self._full[node] = self._permute(full, NHWC, node) if nhwc else full
         return self._full[node]
 
     def gather(self, full: Node, mask, block, spec=None, prologue=(None, None, "none", 0.0), origin=None) -> Node:
@@ -304,8 +323,10 @@ class _Emitter:
             name, kind = self.sig.caches[done]
             done += 1
             if kind == VALUE and self.by_name[name].meta[K.SPATIAL].tainted:
-                self.sig.updated.append(name)
-                updated.append(self.full_of(self.by_name[name]))
+                full = self.full_of(self.by_name[name])
+                if full is not self._cache_ph[(name, kind)]:  # not written in place
+                    self.sig.updated.append(name)
+                    updated.append(full)
         self.g.output(tuple(outs + updated))
 
 
@@ -335,9 +356,13 @@ def slot_constants(gm: GraphModule) -> set:
     return out
 
 
-def emit_incremental(gm: GraphModule, batch: int) -> tuple[GraphModule, IncrementalSignature]:
-    """The incremental GraphModule of an analysed graph (all analysis passes must have run)."""
-    em = _Emitter(gm, batch)
+def emit_incremental(gm: GraphModule, batch: int, inplace: bool = True) -> tuple[GraphModule, IncrementalSignature]:
+    """The incremental GraphModule of an analysed graph (all analysis passes must have run).
+
+    ``inplace``: scatter into the cached tensors in place (they must be stored in the dtype the
+    model computes in); otherwise scatter into widened copies.
+    """
+    em = _Emitter(gm, batch, inplace)
     for node in gm.graph.nodes:
         em.emit(node)
     em.order_placeholders(gm)

@@ -65,6 +65,31 @@ def test_scatter_gather_and_residual_add_compose_the_simple_ops():
     torch.testing.assert_close(res, blocks + base[:, :, 4:8, 0:4])
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_inplace_scatter_writes_what_the_copying_one_returns(layout):
+    torch.manual_seed(0)
+    base = torch.randn(2, 3, 10, 10).to(memory_format=layout)
+    indices = torch.tensor([[0, 1], [2, 2]])
+    blocks = torch.randn(4, 3, 4, 4)
+    expect = sigec.scatter(blocks, base, indices, [4, 4])
+    ptr = base.data_ptr()
+    sigec.scatter_(base, blocks, indices, [4, 4])
+    assert base.data_ptr() == ptr and base.is_contiguous(memory_format=layout)
+    torch.testing.assert_close(base, expect, rtol=0, atol=0)
+    windows = sigec.scatter_gather_(base, blocks * 2, indices, [4, 4], indices, [6, 6], [4, 4], [-1, -1],
+                                    "constant", 0.0)
+    expect = sigec.scatter(blocks * 2, expect, indices, [4, 4])
+    torch.testing.assert_close(base, expect, rtol=0, atol=0)
+    torch.testing.assert_close(windows, sigec.gather(expect, indices, [6, 6], [4, 4], [-1, -1], "constant", 0.0,
+                                                     None, None, "none", 0.0))
+
+
+def test_inplace_scatter_refuses_other_layouts():
+    base = torch.randn(1, 3, 8, 16)[..., ::2]  # strided: neither NCHW-contiguous nor channels-last
+    with pytest.raises(ValueError, match="NCHW-contiguous or channels-last"):
+        sigec.scatter_(base, torch.randn(1, 3, 4, 4), torch.tensor([[0, 0]]), [4, 4])
+
+
 def test_norm_affine_reproduces_group_norm():
     x = torch.randn(2, 8, 6, 6)
     w, b = torch.randn(8), torch.randn(8)
@@ -92,6 +117,9 @@ def _opcheck_samples():
         (sigec.scatter.default, (blocks, x, idx, [4, 4])),
         (sigec.scatter.default, (blocks, xcl, idx, [4, 4])),
         (sigec.scatter_gather.default, (blocks, xcl, idx, [4, 4], idx, [5, 5], [4, 4], [0, 0], "replicate", 0.0)),
+        (sigec.scatter_.default, (x.clone(), blocks, idx, [4, 4])),
+        (sigec.scatter_.default, (xcl.clone(), blocks, idx, [4, 4])),
+        (sigec.scatter_gather_.default, (xcl.clone(), blocks, idx, [4, 4], idx, [5, 5], [4, 4], [0, 0], "reflect", 0.0)),
         (sigec.residual_add.default, (blocks, x, idx, [4, 4])),
         (sigec.affine_act.default, (blocks, scale, shift, "gelu", 0.0)),
         (sigec.affine_act.default, (xcl, scale, shift, "leaky_relu", 0.2)),
