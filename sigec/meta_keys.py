@@ -20,3 +20,7 @@ DECISION = "sigec.decision"
 PROLOGUE = "sigec.prologue"
 #: ``str`` name of the dense-graph node an incremental-graph node stands for (codegen). Read by the report.
 ORIGIN = "sigec.origin"
+#: ``TileRule`` of a value under tiled execution (passes/classify_tiling.py). Read by schedule_tiles and runtime/tiled.py.
+TILE = "sigec.tile"
+#: ``TileSchedule`` (whole or tiled, phase, held) of a value (passes/schedule_tiles.py). Read by runtime/tiled.py, sigec/tiling.py.
+SCHEDULE = "sigec.schedule"

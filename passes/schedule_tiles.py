@@ -1,0 +1,718 @@
+"""Schedule a tiled execution: which values run whole, the synchronization phases, what is held.
+
+Writes ``SCHEDULE`` (a ``TileSchedule``) on every node and ``ctx.plan`` (a ``TilePlan``: the
+per-tile programs of every phase and the memory and cost estimates). Reads ``SPATIAL`` and
+``TILE`` (classify_tiling).
+
+The algorithm, in order:
+
+1. **Whole resolutions.** A resolution whose largest value is at most ``whole_below_bytes``
+   (default: the largest value of the model divided by the number of tiles) runs untiled:
+   tiles there would be smaller than one tile's share of memory and pay only overhead. GLOBAL
+   values (attention, reductions over space) also run whole; every other value is *tiled*.
+   A tiled value whose op has no tiling rule is an error that names every such op.
+2. **Phases.** A tiled norm needs its input's statistics over the whole image, so it runs one
+   phase after its input; a whole value needs its tiled inputs complete, so it runs at the start
+   of the phase after them. Within a phase every tile runs independently.
+3. **Programs.** For each phase and tile, the regions are propagated backward from the phase's
+   targets (the owned region of: norm inputs whose statistics this phase sums, values later
+   phases read, model outputs) through each op's window (``TileRule.geometry``). A value of an
+   earlier phase is read from its *held* copy, or recomputed from its own inputs when the
+   planner dropped it. Phases are built last to first, so each phase knows what later ones read.
+4. **Holding versus recomputing.** Starting from holding everything later phases read, the
+   planner drops, one at a time, the held value live at the estimated peak whose recomputation
+   costs least per byte saved. With a budget it stops at the first plan under it; without one
+   it keeps the plan with the smallest (estimated time x estimated peak).
+"""
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import logging
+from typing import Optional
+
+import torch
+from torch.fx import GraphModule, Node
+
+from sigec import meta_keys as K
+from sigec.macs import macs_per_output_pixel
+from sigec.passes.classify_tiling import Role, TileKind, area
+from sigec.passes.pass_base import PassContext, UserInputError, sigec_pass
+from sigec.plan import NCHW, SpatialKind
+
+log = logging.getLogger("sigec.tiling")
+
+Region = tuple[tuple[int, int], tuple[int, int]]
+#: the elementwise work of one output element, in multiply-accumulates (memory-bound ops cost
+#: about this many MACs per element on CPU); only used to rank plans
+ELEMENT_COST = 20.0
+
+
+class TilingError(UserInputError):
+    """The model or the tile grid cannot be tiled as asked; the message names what and why."""
+
+
+# ---------------------------------------------------------------------------------------------
+# the grid
+
+
+@dataclasses.dataclass(frozen=True)
+class TileGrid:
+    """Tile boundaries on the reference output (``output`` = H, W); scaled to every resolution."""
+
+    output: tuple[int, int]
+    rows: tuple[int, ...]
+    cols: tuple[int, ...]
+
+    @classmethod
+    def split(cls, output: tuple[int, int], tiles=None, tile_size=None) -> "TileGrid":
+        h, w = output
+        if (tiles is None) == (tile_size is None):
+            raise TilingError("give either tiles=(rows, cols) or tile_size=(height, width) in output pixels, not "
+                              f"{'both' if tiles is not None else 'neither'}")
+        if tiles is not None:
+            pair = _as_pair(tiles, "tiles")
+            if pair[0] > h or pair[1] > w:
+                raise TilingError(f"tiles={pair} does not fit the {h}x{w} output: at most {h} rows and {w} "
+                                  "columns of tiles (one pixel each)")
+            rows = tuple(i * h // pair[0] for i in range(pair[0] + 1))
+            cols = tuple(j * w // pair[1] for j in range(pair[1] + 1))
+        else:
+            th, tw = _as_pair(tile_size, "tile_size")
+            rows = tuple(sorted({*range(0, h, th), h}))
+            cols = tuple(sorted({*range(0, w, tw), w}))
+        return cls((h, w), rows, cols)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.rows) - 1, len(self.cols) - 1
+
+    @property
+    def n_tiles(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def tiles(self) -> list[tuple[int, int]]:
+        return [(i, j) for i in range(self.shape[0]) for j in range(self.shape[1])]
+
+    def owned(self, res: tuple[int, int], tile: tuple[int, int]) -> Region:
+        """The pixels tile ``tile`` owns at resolution ``res``: the tiles partition every resolution."""
+        (h, w), (oh, ow) = res, self.output
+        i, j = tile
+        return ((self.rows[i] * h // oh, self.rows[i + 1] * h // oh),
+                (self.cols[j] * w // ow, self.cols[j + 1] * w // ow))
+
+
+def _as_pair(value, name: str) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value) if isinstance(value, (tuple, list)) else None
+    if pair is None or len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+        raise TilingError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(pair) < 1:
+        raise TilingError(f"{name} must be at least 1 in each direction, got {pair}")
+    return pair
+
+
+# ---------------------------------------------------------------------------------------------
+# context and results
+
+
+@dataclasses.dataclass
+class TilingContext(PassContext):
+    """``PassContext`` plus the tiling settings and the plan (written by schedule_tiles).
+
+    Attributes:
+        tiles, tile_size: the grid the user asked for: ``(rows, cols)``, or a tile size in output pixels.
+        grid: the tile grid on the largest image output (written by schedule_tiles).
+        norm_stats: ``"exact"`` (synchronized) or ``"preview"`` (given before the run: no phases).
+        whole_below_bytes: resolutions whose largest value is at most this run untiled
+            (``None``: the model's largest value divided by the number of tiles).
+        budget_bytes: target for the estimated peak; ``None`` minimizes time x memory.
+        on_full: ``"evict"`` (recompute to fit the budget) or ``"raise"`` (never recompute; raise
+            when holding everything exceeds the budget).
+        hold_dtype: storage dtype of held values (``None``: their own).
+        representative_only: plan with the middle tile only (the full plan is built at the end).
+    """
+
+    tiles: Optional[tuple] = None
+    tile_size: object = None
+    grid: Optional[TileGrid] = None
+    norm_stats: str = "exact"
+    whole_below_bytes: Optional[int] = None
+    budget_bytes: Optional[int] = None
+    on_full: str = "evict"
+    hold_dtype: Optional[torch.dtype] = None
+    plan: Optional["TilePlan"] = None
+    #: per tainted resolution: whether it runs whole (written by schedule_tiles)
+    whole_resolutions: dict = dataclasses.field(default_factory=dict)
+    whole_threshold: int = 0
+    resolution_bytes: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class TileSchedule:
+    """``mode``: ``source`` / ``whole`` / ``tiled`` / ``ignored``; ``phase``; ``held`` (a full copy
+    kept for later phases); ``reason`` says why a value runs whole."""
+
+    mode: str
+    phase: int = 0
+    held: bool = False
+    reason: str = ""
+
+
+@dataclasses.dataclass
+class Step:
+    """One value in a tile program: read it (``read``: a whole or source value; ``held``: its held
+    copy) or ``compute`` it, over ``region``. ``wants`` gives, per image operand of a computed
+    window or gather op, the unclipped input region it reads."""
+
+    node: Node
+    action: str
+    region: Region
+    wants: tuple = ()
+    free_after: tuple = ()
+    stats: tuple = ()
+    write_held: bool = False
+    outputs: tuple = ()
+    owned: Optional[Region] = None
+
+
+@dataclasses.dataclass
+class TileProgram:
+    phase: int
+    tile: tuple[int, int]
+    steps: list
+    macs: float
+    peak_bytes: int
+
+
+@dataclasses.dataclass
+class TilePlan:
+    """What runs when, and what it is estimated to cost.
+
+    ``programs[p]`` are the tile programs of phase ``p`` (one per tile); ``whole[p]`` the values
+    computed whole at the start of phase ``p``; ``stats_of[p]`` the norms whose statistics phase
+    ``p`` sums; ``held`` the values kept for later phases (``dropped``: recomputed instead).
+    """
+
+    phases: int
+    programs: dict
+    whole: dict
+    stats_of: dict
+    held: set
+    dropped: set
+    forced: set
+    outputs: list
+    estimated_peak_bytes: int
+    estimated_macs: float
+    peak_phase: int
+    phase_bytes: dict
+    held_bytes: dict
+    hold_dtype: Optional[torch.dtype]
+    choice: str = ""
+    path: list = dataclasses.field(default_factory=list)
+    #: phase -> held and whole values freed after it (their last reader)
+    release: dict = dataclasses.field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _val(node: Node):
+    return node.meta.get("val")
+
+
+def _tensors(v) -> list:
+    if isinstance(v, torch.Tensor):
+        return [v]
+    if isinstance(v, (tuple, list)):
+        return [t for t in v if isinstance(t, torch.Tensor)]
+    return []
+
+
+def value_bytes(node: Node, dtype: Optional[torch.dtype] = None) -> int:
+    return sum(t.numel() * (dtype or t.dtype).itemsize for t in _tensors(_val(node)))
+
+
+def resolution(node: Node) -> Optional[tuple[int, int]]:
+    info = node.meta.get(K.SPATIAL)
+    return info.resolution if info is not None and info.kind is SpatialKind.IMAGE else None
+
+
+def _clip(region: Region, res: tuple[int, int]) -> Region:
+    return tuple((max(0, lo), min(size, hi)) for (lo, hi), size in zip(region, res))
+
+
+def _union(a: Optional[Region], b: Region) -> Region:
+    if a is None:
+        return b
+    return tuple((min(x[0], y[0]), max(x[1], y[1])) for x, y in zip(a, b))
+
+
+def _empty(region: Region) -> bool:
+    return any(hi <= lo for lo, hi in region)
+
+
+def wants_of(node: Node, region: Region) -> tuple:
+    """Per image operand of a tiled op: the (unclipped) region it reads for output ``region``."""
+    rule = node.meta[K.TILE]
+    wants = []
+    for operand, role in zip(node.all_input_nodes, rule.roles):
+        if role is not Role.IMAGE:
+            continue
+        if rule.kind in (TileKind.WINDOW, TileKind.GATHER):
+            wants.append(tuple(rule.geometry.needs(axis, *region[axis]) for axis in range(2)))
+        else:
+            wants.append(region)
+    return tuple(wants)
+
+
+def _per_pixel_bytes(node: Node, dtype: Optional[torch.dtype] = None) -> float:
+    res = resolution(node)
+    return value_bytes(node, dtype) / (res[0] * res[1]) if res else 0.0
+
+
+def _cost(node: Node, pixels: int) -> float:
+    res = resolution(node)
+    elements = value_bytes(node) / max(1, _itemsize(node)) / (res[0] * res[1]) if res else 0
+    return (macs_per_output_pixel(node) + ELEMENT_COST * elements) * pixels
+
+
+def _itemsize(node: Node) -> int:
+    ts = _tensors(_val(node))
+    return ts[0].dtype.itemsize if ts else 4
+
+
+# ---------------------------------------------------------------------------------------------
+# step 1 and 2: modes and phases
+
+
+def _modes(gm: GraphModule, ctx: TilingContext, promoted: dict) -> dict:
+    """``node -> (mode, reason)``; ``promoted`` maps resolutions made whole for their halos to why."""
+    nodes = [n for n in gm.graph.nodes if n.op != "output"]
+    by_res: dict = {}
+    for n in nodes:
+        res = resolution(n)
+        if res is not None and n.meta[K.SPATIAL].tainted:
+            by_res[res] = max(by_res.get(res, 0), value_bytes(n))
+    threshold = ctx.whole_below_bytes
+    if threshold is None:
+        threshold = max(by_res.values(), default=0) // ctx.grid.n_tiles
+    whole_res = {res for res, b in by_res.items() if b <= threshold}
+    modes, untileable = {}, []
+    for n in nodes:
+        rule = n.meta[K.TILE]
+        res = resolution(n)
+        if rule.kind is TileKind.SOURCE:
+            modes[n] = ("source", "")
+        elif rule.kind is TileKind.IGNORED:
+            modes[n] = ("ignored", "")
+        elif rule.kind is TileKind.GLOBAL:
+            modes[n] = ("whole", rule.reason)
+        elif res in promoted and rule.kind is not TileKind.UNTILEABLE:
+            modes[n] = ("whole", promoted[res])
+        elif res in whole_res:
+            modes[n] = ("whole", f"{res[0]}x{res[1]} runs untiled: its largest value ({by_res[res] / 2**20:.1f} MiB) "
+                                 f"is within one tile's share ({threshold / 2**20:.1f} MiB)")
+        elif rule.kind is TileKind.UNTILEABLE:
+            untileable.append(n)
+            modes[n] = ("whole", rule.reason)
+        else:
+            modes[n] = ("tiled", "")
+    if untileable:
+        listed = "; ".join(f"{n.name} ({n.target}): {n.meta[K.TILE].reason}" for n in untileable[:12])
+        more = f" (+{len(untileable) - 12} more)" if len(untileable) > 12 else ""
+        raise TilingError(f"{len(untileable)} op(s) cannot be tiled: {listed}{more}. Run the model untiled, replace "
+                          "the op, or add a rule to passes/classify_tiling.py")
+    ctx.whole_resolutions = {res: res in whole_res or res in promoted for res in by_res}
+    ctx.whole_threshold = threshold
+    ctx.resolution_bytes = by_res
+    return modes
+
+
+def _phases(gm: GraphModule, modes: dict, preview: bool) -> dict:
+    phase: dict = {}
+    for n in gm.graph.nodes:
+        if n.op == "output":
+            continue
+        mode = modes[n][0]
+        if mode in ("source", "ignored"):
+            phase[n] = 0
+            continue
+        ins = [u for u in n.all_input_nodes if modes[u][0] != "ignored"]
+        if mode == "whole":
+            phase[n] = max((phase[u] + (modes[u][0] == "tiled") for u in ins), default=0)
+            continue
+        rule = n.meta[K.TILE]
+        p = max((phase[u] for u in ins), default=0)
+        if rule.kind is TileKind.NORM and not preview and modes[n.args[0]][0] == "tiled":
+            p = max(p, phase[n.args[0]] + 1)  # statistics of the input over every tile first
+        phase[n] = p
+    return phase
+
+
+# ---------------------------------------------------------------------------------------------
+# step 3: programs
+
+
+def _build_program(p: int, tile, targets: dict, grid: TileGrid, sched: dict, dropped: set, index: dict,
+                   held_reads: set, hold_dtype) -> Optional[TileProgram]:
+    """The program of phase ``p`` for ``tile``: ``targets`` maps node -> purposes (``stats`` norms,
+    ``held``, ``outputs`` indices)."""
+    need: dict = {}
+    heap: list = []
+    for v in targets:
+        owned = grid.owned(resolution(v), tile)
+        if _empty(owned):
+            continue
+        need[v] = owned
+        heapq.heappush(heap, (-index[v], v.name, v))
+    actions: dict = {}
+    seen = set()
+    while heap:
+        _, _, n = heapq.heappop(heap)
+        if n in seen:
+            continue
+        seen.add(n)
+        mode, phase = sched[n]
+        region = need[n]
+        if mode in ("source", "whole"):
+            actions[n] = "read"
+            continue
+        if phase < p and n not in dropped:
+            actions[n] = "held"
+            held_reads.add(n)
+            continue
+        actions[n] = "compute"
+        rule = n.meta[K.TILE]
+        image_ops = [u for u, role in zip(n.all_input_nodes, rule.roles) if role is Role.IMAGE]
+        for u, want in zip(image_ops, wants_of(n, region)):
+            clipped = _clip(want, resolution(u))
+            if _empty(clipped):
+                continue
+            need[u] = _union(need.get(u), clipped)
+            heapq.heappush(heap, (-index[u], u.name, u))
+    if not actions:
+        return None
+    order = sorted(actions, key=index.__getitem__)
+    last_use: dict = {}
+    for n in order:
+        if actions[n] == "compute":
+            rule = n.meta[K.TILE]
+            for u, role in zip(n.all_input_nodes, rule.roles):
+                if role is Role.IMAGE and u in actions:
+                    last_use[u] = n
+    frees: dict = {}
+    for u in order:
+        frees.setdefault(last_use.get(u, u), []).append(u)
+    steps, macs, live, peak = [], 0.0, 0.0, 0.0
+    live_bytes: dict = {}
+    for n in order:
+        region = need[n]
+        purposes = targets.get(n, {})
+        owned = grid.owned(resolution(n), tile)
+        step = Step(n, actions[n], region, stats=tuple(purposes.get("stats", ())),
+                    write_held=bool(purposes.get("held")), outputs=tuple(purposes.get("outputs", ())),
+                    owned=owned)
+        pixels = area(region)
+        out_bytes, transient = 0.0, 0.0
+        if step.action == "compute":
+            step.wants = wants_of(n, region)
+            macs += _cost(n, pixels)
+            out_bytes = _per_pixel_bytes(n) * pixels
+            rule = n.meta[K.TILE]
+            if rule.kind in (TileKind.WINDOW, TileKind.NORM):
+                image_ops = [u for u, role in zip(n.all_input_nodes, rule.roles) if role is Role.IMAGE]
+                transient = sum(_per_pixel_bytes(u) * area(w) for u, w in zip(image_ops, step.wants))
+        elif step.action == "held" and hold_dtype is not None and hold_dtype != _tensors(_val(n))[0].dtype:
+            out_bytes = _per_pixel_bytes(n) * pixels  # converted back to the compute dtype
+        live += out_bytes
+        live_bytes[n] = out_bytes
+        peak = max(peak, live + transient)
+        step.free_after = tuple(frees.get(n, ()))
+        for u in step.free_after:
+            live -= live_bytes.pop(u, 0.0)
+        steps.append(step)
+    return TileProgram(p, tile, steps, macs, int(peak))
+
+
+def _middle_tile(grid: TileGrid) -> tuple[int, int]:
+    return grid.shape[0] // 2, grid.shape[1] // 2
+
+
+def _evaluate(gm: GraphModule, ctx: TilingContext, sched: dict, dropped: set, forced: set,
+              stats_of: dict, outputs: list, representative: bool) -> TilePlan:
+    """Build every phase's programs (last to first) and estimate time and peak memory."""
+    grid = ctx.grid
+    nodes = [n for n in gm.graph.nodes if n.op != "output"]
+    index = {n: i for i, n in enumerate(nodes)}
+    phases = 1 + max((p for _, p in sched.values()), default=0)
+    tiles = [_middle_tile(grid)] if representative else grid.tiles()
+    scale = grid.n_tiles / len(tiles)
+    write: dict = {p: set() for p in range(phases)}
+    for v in forced:
+        write[sched[v][1]].add(v)
+    out_of: dict = {}
+    for i, v in enumerate(outputs):
+        if v is not None and sched[v][0] == "tiled":
+            out_of.setdefault(v, []).append(i)
+    read_phases: dict = {}  # held value -> phases reading it
+    programs: dict = {}
+    held: set = set(forced)
+    for p in reversed(range(phases)):
+        targets: dict = {}
+        for x, norms in stats_of.items():
+            if sched[x][1] == p:
+                targets.setdefault(x, {})["stats"] = norms
+        for v in write[p]:
+            targets.setdefault(v, {})["held"] = True
+        for v, idx in out_of.items():
+            if sched[v][1] == p:
+                targets.setdefault(v, {})["outputs"] = idx
+        programs[p] = []
+        if not targets:
+            continue
+        for tile in tiles:
+            reads: set = set()
+            prog = _build_program(p, tile, targets, grid, sched, dropped, index, reads, ctx.hold_dtype)
+            if prog is not None:
+                programs[p].append(prog)
+            for u in reads:
+                read_phases.setdefault(u, set()).add(p)
+                if u not in write[sched[u][1]]:
+                    write[sched[u][1]].add(u)
+                    held.add(u)
+                    if sched[u][1] == p:
+                        raise AssertionError(f"{u.name} read held in its own phase")
+    # whole values are read by whole nodes and tiled programs
+    whole_nodes = {p: [n for n in nodes if sched[n] == ("whole", p)] for p in range(phases)}
+    for p, ns in whole_nodes.items():
+        for n in ns:
+            for u in n.all_input_nodes:
+                if sched[u][0] in ("tiled", "whole"):
+                    read_phases.setdefault(u, set()).add(p)
+    for p, progs in programs.items():
+        for prog in progs:
+            for step in prog.steps:
+                if step.action == "read" and sched[step.node][0] == "whole":
+                    read_phases.setdefault(step.node, set()).add(p)
+    # memory per phase: held and whole values live from their phase to their last reader
+    hold_bytes = {v: value_bytes(v, ctx.hold_dtype) for v in held}
+    phase_bytes: dict = {}
+    peak, peak_phase = 0, 0
+    out_bytes = {v: value_bytes(v) for v in out_of}
+    for p in range(phases):
+        base = 0
+        for v in held:
+            if sched[v][1] <= p <= max(read_phases.get(v, {sched[v][1]})):
+                base += hold_bytes[v]
+        for ns in whole_nodes.values():
+            for v in ns:
+                if sched[v][1] <= p <= max(read_phases.get(v, {sched[v][1]})):
+                    base += value_bytes(v)
+        base += sum(b for v, b in out_bytes.items() if sched[v][1] <= p)
+        work = max((prog.peak_bytes for prog in programs.get(p, [])), default=0)
+        whole_work = max((value_bytes(v) for v in whole_nodes[p]), default=0)
+        total = base + max(work, whole_work)
+        phase_bytes[p] = (base, work)
+        if total > peak:
+            peak, peak_phase = total, p
+    macs = scale * sum(prog.macs for progs in programs.values() for prog in progs)
+    macs += sum(_cost(n, resolution(n)[0] * resolution(n)[1]) if resolution(n) else 0.0
+                for ns in whole_nodes.values() for n in ns)
+    release: dict = {}
+    kept = set(o for o in outputs if o is not None)
+    for v in set(held) | {n for ns in whole_nodes.values() for n in ns}:
+        if v not in kept:
+            release.setdefault(max(read_phases.get(v, {sched[v][1]})), []).append(v)
+    return TilePlan(phases, programs, whole_nodes, {}, held, set(dropped), set(forced), outputs, int(peak),
+                    macs, peak_phase, phase_bytes, hold_bytes, ctx.hold_dtype, release=release)
+
+
+def _choose_holds(gm, ctx: TilingContext, sched, forced, stats_of, outputs) -> tuple[set, str, list]:
+    """Greedy hold-versus-recompute (module docstring, step 4); returns the dropped set."""
+    dropped: set = set()
+    current = _evaluate(gm, ctx, sched, dropped, forced, stats_of, outputs, representative=True)
+    path = [(set(), current.estimated_macs, current.estimated_peak_bytes)]
+    budget = ctx.budget_bytes
+    if budget is not None and ctx.on_full == "raise":
+        if current.estimated_peak_bytes > budget:
+            raise TilingError(f"holding every value later phases read needs an estimated "
+                              f"{current.estimated_peak_bytes / 2**20:.0f} MiB, over the budget of "
+                              f"{budget / 2**20:.0f} MiB; raise the budget, use more tiles, or allow "
+                              "recomputation with on_cache_full='evict'")
+        return dropped, "hold every value later phases read (on_cache_full='raise')", path
+    while budget is None or current.estimated_peak_bytes > budget:
+        p = current.peak_phase
+        live = [v for v in current.held - forced
+                if sched[v][1] <= p and any(p <= q for q in _readers(current, v))]
+        best = None
+        for v in sorted(live, key=lambda n: n.name):
+            trial = _evaluate(gm, ctx, sched, dropped | {v}, forced, stats_of, outputs, representative=True)
+            saved = current.estimated_peak_bytes - trial.estimated_peak_bytes
+            if saved <= 0:
+                continue
+            ratio = max(0.0, trial.estimated_macs - current.estimated_macs) / saved
+            if best is None or ratio < best[0]:
+                best = (ratio, v, trial)
+        if best is None:
+            break
+        dropped = dropped | {best[1]}
+        current = best[2]
+        path.append((set(dropped), current.estimated_macs, current.estimated_peak_bytes))
+    if budget is not None:
+        fitting = [entry for entry in path if entry[2] <= budget]
+        if not fitting:
+            low = min(entry[2] for entry in path)
+            raise TilingError(f"no plan fits the budget of {budget / 2**20:.0f} MiB: the lowest estimated peak "
+                              f"with recomputation is {low / 2**20:.0f} MiB; use more tiles or a larger budget")
+        chosen = fitting[0]
+        why = f"fastest plan within the budget of {budget / 2**20:.0f} MiB"
+    else:
+        chosen = min(path, key=lambda e: e[1] * e[2])
+        why = "the plan with the smallest estimated time x peak memory"
+    return chosen[0], why, path
+
+
+def _readers(plan: TilePlan, v: Node) -> set:
+    phases = set()
+    for p, progs in plan.programs.items():
+        for prog in progs:
+            if any(s.node is v and s.action == "held" for s in prog.steps):
+                phases.add(p)
+    for p, ns in plan.whole.items():
+        if any(v in n.all_input_nodes for n in ns):
+            phases.add(p)
+    return phases
+
+
+@sigec_pass(requires=(K.SPATIAL, K.TILE), provides=(K.SCHEDULE,))
+def schedule_tiles(gm: GraphModule, ctx: TilingContext) -> GraphModule:
+    ctx.grid = TileGrid.split(reference_output(gm), ctx.tiles, ctx.tile_size)
+    promoted: dict = {}
+    while True:
+        modes, phase, plan = _schedule(gm, ctx, promoted)
+        violation = _halo_violation(plan, ctx.grid)
+        if violation is None:
+            break
+        node, res, size, halo, what = violation
+        tiled = [r for r, whole in ctx.whole_resolutions.items() if not whole]
+        top = max(ctx.resolution_bytes[r] for r in tiled)
+        message = (f"a tile is {size} px {what} at {res[0]}x{res[1]} (node {node.name}, {node.target}), smaller than "
+                   f"the halo of {halo} px it needs there; use fewer tiles (the grid is {ctx.grid.shape[0]}x"
+                   f"{ctx.grid.shape[1]} on the {ctx.grid.output[0]}x{ctx.grid.output[1]} output)")
+        if ctx.whole_below_bytes == 0 or ctx.resolution_bytes[res] >= top:
+            raise TilingError(message)
+        # a lower resolution whose tiles are smaller than their halo runs whole instead
+        promoted[res] = (f"{res[0]}x{res[1]} runs untiled: its {size}-px tiles are smaller than the {halo}-px halo "
+                         "they need")
+        log.info("%s", promoted[res])
+    for n, (mode, reason) in modes.items():
+        n.meta[K.SCHEDULE] = TileSchedule(mode, phase[n], n in plan.held, reason)
+    ctx.plan = plan
+    return gm
+
+
+def _schedule(gm: GraphModule, ctx: TilingContext, promoted: dict):
+    preview = ctx.norm_stats == "preview"
+    modes = _modes(gm, ctx, promoted)
+    phase = _phases(gm, modes, preview)
+    sched = {n: (modes[n][0], phase[n]) for n in modes}
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    outputs = [a if isinstance(a, Node) else None for a in _flat(output.args[0])]
+    # values whole nodes read must be complete: held
+    forced = {u for n in modes if modes[n][0] == "whole" for u in n.all_input_nodes if modes[u][0] == "tiled"}
+    stats_of: dict = {}
+    if not preview:
+        for n in modes:
+            if modes[n][0] == "tiled" and n.meta[K.TILE].kind is TileKind.NORM and modes[n.args[0]][0] == "tiled":
+                stats_of.setdefault(n.args[0], []).append(n)
+    dropped, why, path = _choose_holds(gm, ctx, sched, forced, stats_of, outputs)
+    plan = _evaluate(gm, ctx, sched, dropped, forced, stats_of, outputs, representative=False)
+    plan.stats_of = stats_of
+    plan.choice = why
+    plan.path = [(len(d), macs, peak) for d, macs, peak in path]
+    return modes, phase, plan
+
+
+def reference_output(gm: GraphModule) -> tuple[int, int]:
+    """The tile grid lives on the largest image output."""
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    best = None
+    for leaf in _flat(output.args[0]):
+        res = resolution(leaf) if isinstance(leaf, Node) else None
+        if res is not None and (best is None or res[0] * res[1] > best[0] * best[1]):
+            best = res
+    if best is None:
+        raise TilingError("the model has no image output (an N x C x H x W tensor computed from an image input) "
+                          "to tile; tiled execution splits the output into patches")
+    return best
+
+
+def _flat(x):
+    if isinstance(x, (list, tuple)):
+        for a in x:
+            yield from _flat(a)
+    elif isinstance(x, dict):
+        for a in x.values():
+            yield from _flat(a)
+    else:
+        yield x
+
+
+def halos(plan: TilePlan) -> dict:
+    """Per computed node: the largest distance its tile regions reach past the owned pixels (rows, cols)."""
+    out: dict = {}
+    for progs in plan.programs.values():
+        for prog in progs:
+            for s in prog.steps:
+                if s.action != "compute":
+                    continue
+                h = tuple(max(o[0] - r[0], r[1] - o[1], 0) for r, o in zip(s.region, s.owned))
+                old = out.get(s.node, (0, 0))
+                out[s.node] = (max(old[0], h[0]), max(old[1], h[1]))
+    return out
+
+
+def _halo_violation(plan: TilePlan, grid: TileGrid):
+    """The first tiled value whose tiles are smaller than the halo they need:
+    ``(node, resolution, tile size, halo, "high" or "wide")``, or ``None``."""
+    for node, (hh, hw) in halos(plan).items():
+        res = resolution(node)
+        extent = [min(o[axis][1] - o[axis][0] for o in (grid.owned(res, t) for t in grid.tiles()))
+                  for axis in range(2)]
+        for axis, (halo, size) in enumerate(zip((hh, hw), extent)):
+            if halo > size:
+                return node, res, size, halo, "high" if axis == 0 else "wide"
+    return None
+
+
+def untiled_estimate(gm: GraphModule) -> tuple[float, int]:
+    """(cost, peak bytes) of running the graph untiled: values freed after their last use."""
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+    last: dict = {}
+    for n in nodes:
+        for u in n.all_input_nodes:
+            last[u] = n
+    live, peak, cost = 0, 0, 0.0
+    sizes: dict = {}
+    for n in nodes:
+        b = value_bytes(n)
+        sizes[n] = b
+        live += b
+        peak = max(peak, live)
+        res = resolution(n)
+        cost += _cost(n, res[0] * res[1]) if res else 0.0
+        for u in [u for u in n.all_input_nodes if last.get(u) is n]:
+            live -= sizes.pop(u, 0)
+        if not n.users:
+            live -= sizes.pop(n, 0)
+    return cost, peak
+
+
+def layout_of(node: Node) -> str:
+    info = node.meta.get(K.SPATIAL)
+    return info.layout if info is not None else NCHW
+
+
+__all__ = ["TileGrid", "TilingContext", "TileSchedule", "TilePlan", "TileProgram", "Step", "TilingError",
+           "schedule_tiles", "halos", "untiled_estimate", "value_bytes", "resolution", "wants_of"]
