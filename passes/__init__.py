@@ -10,11 +10,14 @@ from sigec.passes.partition import partition
 from sigec.passes.fold_norm_activation import fold_norm_activation
 from sigec.passes.fuse_scatter_gather import fuse_scatter_gather
 from sigec.passes.fold_residual_add import fold_residual_add
+from sigec.passes.specialize_cut import specialize_cut
 from sigec.passes.classify_tiling import classify_tiling
 from sigec.passes.schedule_tiles import schedule_tiles
 
 ANALYSIS_PASSES = [classify_spatial, propagate_masks, analyze_halo, partition, fold_norm_activation]
 INCREMENTAL_PASSES = [fold_residual_add, fuse_scatter_gather]
+#: temporal reuse (sigec.temporal): the full and partial graphs of a cut, on the captured graph
+TEMPORAL_PASSES = [specialize_cut]
 #: tiled execution (sigec.tiling): the spatial classification, then per-value tiling rules and the schedule
 TILING_PASSES = [classify_spatial, classify_tiling, schedule_tiles]
 
@@ -29,5 +32,5 @@ def dump_passes() -> str:
     return "\n".join(lines)
 
 
-__all__ = ["ANALYSIS_PASSES", "INCREMENTAL_PASSES", "TILING_PASSES", "PassContext", "PassError", "check_order",
-           "run_passes", "sigec_pass", "dump_passes"]
+__all__ = ["ANALYSIS_PASSES", "INCREMENTAL_PASSES", "TEMPORAL_PASSES", "TILING_PASSES", "PassContext", "PassError",
+           "check_order", "run_passes", "sigec_pass", "dump_passes"]

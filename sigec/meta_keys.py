@@ -20,6 +20,9 @@ DECISION = "sigec.decision"
 PROLOGUE = "sigec.prologue"
 #: ``str`` name of the dense-graph node an incremental-graph node stands for (codegen). Read by the report.
 ORIGIN = "sigec.origin"
+#: ``"cut"`` / ``"partial"`` / ``"full"``: a node's part in a cut specialization (passes/specialize_cut.py).
+#: Read by sigec.temporal's reports.
+CUT_ROLE = "sigec.cut_role"
 #: ``TileRule`` of a value under tiled execution (passes/classify_tiling.py). Read by schedule_tiles and runtime/tiled.py.
 TILE = "sigec.tile"
 #: ``TileSchedule`` (whole or tiled, phase, held) of a value (passes/schedule_tiles.py). Read by runtime/tiled.py, sigec/tiling.py.
