@@ -73,10 +73,9 @@ def _resolve(coords: Tensor, limit: int, mode: str) -> tuple[Tensor, Tensor]:
 # gather
 
 
-@torch.library.custom_op("sigec::gather", mutates_args=())
-def gather(x: Tensor, indices: Tensor, window: list[int], stride: list[int], offset: list[int],
-           pad_mode: str, pad_value: float, scale: Optional[Tensor], shift: Optional[Tensor],
-           activation: str, slope: float) -> Tensor:
+def gather_reference(x: Tensor, indices: Tensor, window: list[int], stride: list[int], offset: list[int],
+                     pad_mode: str, pad_value: float, scale: Optional[Tensor], shift: Optional[Tensor],
+                     activation: str, slope: float) -> Tensor:
     """Windows of ``x`` at the active blocks, optionally through ``act(x * scale + shift)``.
 
     ``scale``/``shift`` are ``(N, C)``. The affine and activation apply to pixels inside the tensor
@@ -101,6 +100,9 @@ def gather(x: Tensor, indices: Tensor, window: list[int], stride: list[int], off
             inside = inside.repeat_interleave(n, 0)[:, None]
             out = torch.where(inside, out, torch.full((), pad_value, dtype=out.dtype, device=out.device))
     return out.to(x.dtype).contiguous()
+
+
+gather = torch.library.custom_op("sigec::gather", mutates_args=())(gather_reference)
 
 
 @gather.register_fake
@@ -147,11 +149,13 @@ def _write_blocks(out: Tensor, blocks: Tensor, indices: Tensor, block: list[int]
                          f"{out.stride()} for shape {tuple(out.shape)}")
 
 
-@torch.library.custom_op("sigec::scatter_", mutates_args=("base",))
-def scatter_(base: Tensor, blocks: Tensor, indices: Tensor, block: list[int]) -> None:
+def scatter_inplace_reference(base: Tensor, blocks: Tensor, indices: Tensor, block: list[int]) -> None:
     """Write the active blocks into ``base`` in place (a persistent working buffer: the cost is
     proportional to the active area, never to the tensor's size)."""
     _write_blocks(base, blocks, indices, block)
+
+
+scatter_ = torch.library.custom_op("sigec::scatter_", mutates_args=("base",))(scatter_inplace_reference)
 
 
 @scatter_.register_fake
@@ -159,13 +163,16 @@ def _(base, blocks, indices, block):
     return None
 
 
-@torch.library.custom_op("sigec::scatter_gather_", mutates_args=("base",))
-def scatter_gather_(base: Tensor, blocks: Tensor, indices: Tensor, block: list[int], gather_indices: Tensor,
-                    window: list[int], stride: list[int], offset: list[int], pad_mode: str,
-                    pad_value: float) -> Tensor:
+def scatter_gather_inplace_reference(base: Tensor, blocks: Tensor, indices: Tensor, block: list[int],
+                                     gather_indices: Tensor, window: list[int], stride: list[int],
+                                     offset: list[int], pad_mode: str, pad_value: float) -> Tensor:
     """``scatter_`` into ``base``, then the windows of the updated ``base`` at ``gather_indices``."""
     _write_blocks(base, blocks, indices, block)
-    return gather(base, gather_indices, window, stride, offset, pad_mode, pad_value, None, None, "none", 0.0)
+    return gather_reference(base, gather_indices, window, stride, offset, pad_mode, pad_value, None, None, "none", 0.0)
+
+
+scatter_gather_ = torch.library.custom_op("sigec::scatter_gather_",
+                                          mutates_args=("base",))(scatter_gather_inplace_reference)
 
 
 @scatter_gather_.register_fake
@@ -215,11 +222,13 @@ def _(blocks, base, indices, block, gather_indices, window, stride, offset, pad_
 # block-local helpers
 
 
-@torch.library.custom_op("sigec::residual_add", mutates_args=())
-def residual_add(blocks: Tensor, residual: Tensor, indices: Tensor, block: list[int]) -> Tensor:
+def residual_add_reference(blocks: Tensor, residual: Tensor, indices: Tensor, block: list[int]) -> Tensor:
     """``blocks`` plus the matching blocks of the full tensor ``residual``."""
-    windows = gather(residual, indices, block, block, [0, 0], "constant", 0.0, None, None, "none", 0.0)
+    windows = gather_reference(residual, indices, block, block, [0, 0], "constant", 0.0, None, None, "none", 0.0)
     return blocks + windows
+
+
+residual_add = torch.library.custom_op("sigec::residual_add", mutates_args=())(residual_add_reference)
 
 
 @residual_add.register_fake
@@ -227,12 +236,14 @@ def _(blocks, residual, indices, block):
     return torch.empty_like(blocks)
 
 
-@torch.library.custom_op("sigec::affine_act", mutates_args=())
-def affine_act(x: Tensor, scale: Tensor, shift: Tensor, activation: str, slope: float) -> Tensor:
+def affine_act_reference(x: Tensor, scale: Tensor, shift: Tensor, activation: str, slope: float) -> Tensor:
     """``act(x * scale + shift)`` with per-sample ``(N, C)`` parameters; ``x`` full or blocks."""
     rows = x.shape[0]
     y = x * _per_block(scale, rows)[:, :, None, None] + _per_block(shift, rows)[:, :, None, None]
     return apply_activation(y, activation, slope).to(x.dtype)
+
+
+affine_act = torch.library.custom_op("sigec::affine_act", mutates_args=())(affine_act_reference)
 
 
 @affine_act.register_fake
@@ -275,6 +286,16 @@ def _(x, num_groups, weight, bias, eps):
     shape = (x.shape[0], x.shape[1])
     return x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.float32)
 
+
+#: The pure-PyTorch implementation of each op that has a native kernel (csrc/): the oracle the
+#: native kernels are tested against, and what runs when they are not built.
+REFERENCE_KERNELS = {
+    "gather": gather_reference,
+    "scatter_": scatter_inplace_reference,
+    "scatter_gather_": scatter_gather_inplace_reference,
+    "residual_add": residual_add_reference,
+    "affine_act": affine_act_reference,
+}
 
 #: Every op of the namespace, for opcheck and completeness tests.
 ALL_OPS = {

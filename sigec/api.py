@@ -46,6 +46,8 @@ def compile(model: "torch.nn.Module | torch.export.ExportedProgram", example_arg
             a (rows, cols) grid or a tile size in output pixels; ``norm_stats`` is ``"exact"``
             (statistics synchronized across tiles) or ``"preview"`` (estimated, an approximation).
     """
+    from sigec.runtime import native  # (imported here: `python -m sigec.runtime.native` builds them alone)
+    native.load()  # the native CPU kernels, built once per torch version; a warning if they cannot be
     options = dict(policy=policy, eps=eps, dilation=dilation, threshold=threshold, block_size=block_size,
                    expected_active_fraction=expected_active_fraction, spatial_inputs=spatial_inputs,
                    cache_budget_bytes=cache_budget_bytes, on_cache_full=on_cache_full, on_stale=on_stale,

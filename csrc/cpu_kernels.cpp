@@ -1,0 +1,351 @@
+// Native CPU kernels of the sigec runtime ops (OpenMP through ATen's parallel_for).
+//
+// Each kernel is registered as the CPU implementation of the matching torch.ops.sigec.* op,
+// whose schema, fake implementation and pure-PyTorch reference live in runtime/ops.py. The
+// conventions (block-major blocks, windows, padding modes, dropped edge pixels) are documented
+// there; the reference is the oracle these kernels are tested against.
+//
+// Layouts: a full tensor is read and written either NCHW-contiguous or channels-last (any other
+// layout is made contiguous first, or refused for in-place writes, as the reference does).
+// Blocks and windows are NCHW-contiguous.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/irange.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace sigec {
+namespace {
+
+using at::Tensor;
+
+enum class Pad { kConstant, kReplicate, kReflect };
+enum class Act { kNone, kSilu, kRelu, kLeakyRelu, kGelu, kGeluTanh, kSigmoid, kTanh };
+
+Pad parse_pad(const std::string& mode) {
+  if (mode == "constant") return Pad::kConstant;
+  if (mode == "replicate") return Pad::kReplicate;
+  if (mode == "reflect") return Pad::kReflect;
+  TORCH_CHECK_VALUE(false, "sigec: unknown pad_mode '", mode, "' (expected constant, replicate or reflect)");
+}
+
+Act parse_act(const std::string& name) {
+  if (name == "none") return Act::kNone;
+  if (name == "silu") return Act::kSilu;
+  if (name == "relu") return Act::kRelu;
+  if (name == "leaky_relu") return Act::kLeakyRelu;
+  if (name == "gelu") return Act::kGelu;
+  if (name == "gelu_tanh") return Act::kGeluTanh;
+  if (name == "sigmoid") return Act::kSigmoid;
+  if (name == "tanh") return Act::kTanh;
+  TORCH_CHECK_VALUE(false, "sigec: unknown activation '", name, "'");
+}
+
+inline float activate(float v, Act act, float slope) {
+  switch (act) {
+    case Act::kNone: return v;
+    case Act::kSilu: return v / (1.0f + std::exp(-v));
+    case Act::kRelu: return v > 0.0f ? v : 0.0f;
+    case Act::kLeakyRelu: return v > 0.0f ? v : v * slope;
+    case Act::kGelu: return 0.5f * v * (1.0f + std::erf(v * 0.70710678118654752f));
+    case Act::kGeluTanh: {
+      const float inner = 0.79788456080286536f * (v + 0.044715f * v * v * v);
+      return 0.5f * v * (1.0f + std::tanh(inner));
+    }
+    case Act::kSigmoid: return 1.0f / (1.0f + std::exp(-v));
+    case Act::kTanh: return std::tanh(v);
+  }
+  return v;
+}
+
+// Source coordinate of `coord` in [0, limit) under the padding mode; -1 for a constant pad pixel.
+inline int64_t resolve(int64_t coord, int64_t limit, Pad mode) {
+  if (coord >= 0 && coord < limit) return coord;
+  if (mode == Pad::kConstant) return -1;
+  if (mode == Pad::kReplicate) return coord < 0 ? 0 : limit - 1;
+  if (limit == 1) return 0;
+  const int64_t period = 2 * (limit - 1);
+  int64_t c = coord % period;
+  if (c < 0) c += period;
+  return c >= limit ? period - c : c;
+}
+
+struct Window {
+  int64_t wh, ww, sh, sw, oh, ow;
+};
+
+Window window_of(at::IntArrayRef window, at::IntArrayRef stride, at::IntArrayRef offset) {
+  TORCH_CHECK_VALUE(window.size() == 2 && stride.size() == 2 && offset.size() == 2,
+              "sigec: window, stride and offset take two values (rows, columns)");
+  return {window[0], window[1], stride[0], stride[1], offset[0], offset[1]};
+}
+
+void check_indices(const Tensor& indices) {
+  TORCH_CHECK_VALUE(indices.dim() == 2 && indices.size(1) == 2 && indices.scalar_type() == at::kLong,
+              "sigec: indices must be an (nb, 2) int64 tensor of (row, col) block positions");
+}
+
+bool channels_last(const Tensor& t) {
+  return !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+// Per-(sample, channel) affine parameters as float, or empty when absent.
+std::vector<float> affine_table(const c10::optional<Tensor>& t, int64_t n, int64_t c) {
+  if (!t.has_value()) return {};
+  TORCH_CHECK_VALUE(t->dim() == 2 && t->size(0) == n && t->size(1) == c,
+              "sigec: scale and shift must be (N, C) = (", n, ", ", c, ")");
+  Tensor f = t->to(at::kFloat).contiguous();
+  return std::vector<float>(f.data_ptr<float>(), f.data_ptr<float>() + n * c);
+}
+
+// ------------------------------------------------------------------------------------------
+// gather
+
+template <typename scalar_t>
+void gather_kernel(const Tensor& x, const int64_t* idx, int64_t nb, const Window& win, Pad pad,
+                   float pad_value, const std::vector<float>& scale, const std::vector<float>& shift,
+                   Act act, float slope, Tensor& out) {
+  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
+  const bool cl = channels_last(x);
+  const scalar_t* src = x.data_ptr<scalar_t>();
+  scalar_t* dst = out.data_ptr<scalar_t>();
+  const bool affine = !scale.empty();
+  const bool transform = affine || act != Act::kNone;
+  const scalar_t pad_s = static_cast<scalar_t>(pad_value);
+  const int64_t plane = win.wh * win.ww;
+  // column sources are the same for every row, channel and sample of one block
+  std::vector<int64_t> col_src(nb * win.ww);
+  for (const auto b : c10::irange(nb)) {
+    for (const auto j : c10::irange(win.ww)) {
+      col_src[b * win.ww + j] = resolve(idx[2 * b + 1] * win.sw + win.ow + j, w, pad);
+    }
+  }
+  // one task per (block, sample, channel) plane of the output
+  at::parallel_for(0, nb * n * c, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / (n * c), s = (task / c) % n, ch = task % c;
+      const int64_t row0 = idx[2 * b] * win.sh + win.oh;
+      const int64_t* cols = col_src.data() + b * win.ww;
+      const int64_t col0 = idx[2 * b + 1] * win.sw + win.ow;
+      // the contiguous run of in-image columns, copied with memcpy when no transform applies
+      const bool straight = !cl && col0 >= 0 && col0 + win.ww <= w;
+      const float a = affine ? scale[s * c + ch] : 1.0f, sh = affine ? shift[s * c + ch] : 0.0f;
+      scalar_t* o = dst + ((b * n + s) * c + ch) * plane;
+      for (int64_t r = 0; r < win.wh; ++r, o += win.ww) {
+        const int64_t row = resolve(row0 + r, h, pad);
+        if (row < 0) {
+          std::fill(o, o + win.ww, pad_s);
+          continue;
+        }
+        if (cl) {
+          const scalar_t* line = src + (s * h + row) * w * c + ch;
+          for (int64_t j = 0; j < win.ww; ++j) {
+            const int64_t col = cols[j];
+            if (col < 0) {
+              o[j] = pad_s;
+            } else {
+              const float v = static_cast<float>(line[col * c]);
+              o[j] = transform ? static_cast<scalar_t>(activate(v * a + sh, act, slope)) : line[col * c];
+            }
+          }
+          continue;
+        }
+        const scalar_t* line = src + ((s * c + ch) * h + row) * w;
+        if (straight && !transform) {
+          std::memcpy(o, line + col0, win.ww * sizeof(scalar_t));
+        } else if (straight) {
+          const scalar_t* in = line + col0;
+          for (int64_t j = 0; j < win.ww; ++j) {
+            o[j] = static_cast<scalar_t>(activate(static_cast<float>(in[j]) * a + sh, act, slope));
+          }
+        } else {
+          for (int64_t j = 0; j < win.ww; ++j) {
+            const int64_t col = cols[j];
+            if (col < 0) {
+              o[j] = pad_s;
+            } else {
+              const float v = static_cast<float>(line[col]);
+              o[j] = transform ? static_cast<scalar_t>(activate(v * a + sh, act, slope)) : line[col];
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+Tensor gather(const Tensor& x_in, const Tensor& indices, at::IntArrayRef window, at::IntArrayRef stride,
+              at::IntArrayRef offset, std::string pad_mode, double pad_value,
+              const c10::optional<Tensor>& scale, const c10::optional<Tensor>& shift,
+              std::string activation, double slope) {
+  TORCH_CHECK_VALUE(x_in.dim() == 4, "sigec.gather: x must be 4-D (N, C, H, W)");
+  check_indices(indices);
+  const Tensor x = (x_in.is_contiguous() || channels_last(x_in)) ? x_in : x_in.contiguous();
+  const Tensor idx = indices.contiguous();
+  const Window win = window_of(window, stride, offset);
+  const int64_t n = x.size(0), c = x.size(1), nb = idx.size(0);
+  Tensor out = at::empty({nb * n, c, win.wh, win.ww}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (out.numel() == 0) return out;
+  const auto sc = affine_table(scale, n, c), sh = affine_table(shift, n, c);
+  TORCH_CHECK_VALUE(sc.size() == sh.size(), "sigec.gather: give both scale and shift, or neither");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sigec_gather", [&] {
+    gather_kernel<scalar_t>(x, idx.data_ptr<int64_t>(), nb, win, parse_pad(pad_mode), static_cast<float>(pad_value),
+                            sc, sh, parse_act(activation), static_cast<float>(slope), out);
+  });
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------
+// scatter (in place)
+
+template <typename scalar_t>
+void scatter_kernel(Tensor& base, const Tensor& blocks, const int64_t* idx, int64_t nb, int64_t bh, int64_t bw) {
+  const int64_t n = base.size(0), c = base.size(1), h = base.size(2), w = base.size(3);
+  const bool cl = channels_last(base);
+  scalar_t* dst = base.data_ptr<scalar_t>();
+  const scalar_t* src = blocks.data_ptr<scalar_t>();
+  at::parallel_for(0, nb * n * c, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / (n * c), s = (task / c) % n, ch = task % c;
+      const int64_t row0 = idx[2 * b] * bh, col0 = idx[2 * b + 1] * bw;
+      const int64_t rows = std::min(bh, h - row0), cols = std::min(bw, w - col0);
+      const scalar_t* in = src + ((b * n + s) * c + ch) * bh * bw;
+      for (int64_t r = 0; r < rows; ++r, in += bw) {
+        if (cl) {
+          scalar_t* out = dst + ((s * h + row0 + r) * w + col0) * c + ch;
+          for (int64_t j = 0; j < cols; ++j) out[j * c] = in[j];
+        } else {
+          std::memcpy(dst + ((s * c + ch) * h + row0 + r) * w + col0, in, cols * sizeof(scalar_t));
+        }
+      }
+    }
+  });
+}
+
+void check_blocks(const Tensor& base, const Tensor& blocks, const Tensor& indices, at::IntArrayRef block) {
+  TORCH_CHECK_VALUE(base.dim() == 4 && blocks.dim() == 4, "sigec.scatter_: base and blocks must be 4-D");
+  TORCH_CHECK_VALUE(block.size() == 2, "sigec.scatter_: block takes two values (rows, columns)");
+  check_indices(indices);
+  TORCH_CHECK_VALUE(blocks.size(0) == indices.size(0) * base.size(0) && blocks.size(1) == base.size(1) &&
+                  blocks.size(2) == block[0] && blocks.size(3) == block[1],
+              "sigec.scatter_: blocks must be (nb * N, C, block rows, block columns)");
+}
+
+void scatter_(Tensor base, const Tensor& blocks_in, const Tensor& indices, at::IntArrayRef block) {
+  check_blocks(base, blocks_in, indices, block);
+  TORCH_CHECK_VALUE(base.is_contiguous() || channels_last(base),
+              "sigec.scatter_ writes into NCHW-contiguous or channels-last tensors; got strides ", base.strides());
+  if (indices.size(0) == 0) return;
+  const Tensor blocks = blocks_in.to(base.scalar_type()).contiguous();
+  const Tensor idx = indices.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, base.scalar_type(), "sigec_scatter_", [&] {
+    scatter_kernel<scalar_t>(base, blocks, idx.data_ptr<int64_t>(), idx.size(0), block[0], block[1]);
+  });
+}
+
+Tensor scatter_gather_(Tensor base, const Tensor& blocks, const Tensor& indices, at::IntArrayRef block,
+                       const Tensor& gather_indices, at::IntArrayRef window, at::IntArrayRef stride,
+                       at::IntArrayRef offset, std::string pad_mode, double pad_value) {
+  scatter_(base, blocks, indices, block);
+  return gather(base, gather_indices, window, stride, offset, std::move(pad_mode), pad_value, c10::nullopt,
+                c10::nullopt, "none", 0.0);
+}
+
+// ------------------------------------------------------------------------------------------
+// residual add and affine + activation
+
+template <typename scalar_t>
+void residual_kernel(const Tensor& blocks, const Tensor& residual, const int64_t* idx, int64_t nb, int64_t bh,
+                     int64_t bw, Tensor& out) {
+  const int64_t n = residual.size(0), c = residual.size(1), h = residual.size(2), w = residual.size(3);
+  const bool cl = channels_last(residual);
+  const scalar_t* res = residual.data_ptr<scalar_t>();
+  const scalar_t* in = blocks.data_ptr<scalar_t>();
+  scalar_t* dst = out.data_ptr<scalar_t>();
+  at::parallel_for(0, nb * n * c, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / (n * c), s = (task / c) % n, ch = task % c;
+      const int64_t row0 = idx[2 * b] * bh, col0 = idx[2 * b + 1] * bw;
+      const int64_t base = task * bh * bw;
+      for (int64_t r = 0; r < bh; ++r) {
+        const int64_t row = row0 + r;
+        for (int64_t j = 0; j < bw; ++j) {
+          const int64_t col = col0 + j, k = base + r * bw + j;
+          if (row >= h || col >= w) {
+            dst[k] = in[k];  // past the edge: the residual reads its zero padding
+          } else {
+            const scalar_t skip = cl ? res[((s * h + row) * w + col) * c + ch] : res[((s * c + ch) * h + row) * w + col];
+            dst[k] = static_cast<scalar_t>(static_cast<float>(in[k]) + static_cast<float>(skip));
+          }
+        }
+      }
+    }
+  });
+}
+
+Tensor residual_add(const Tensor& blocks_in, const Tensor& residual_in, const Tensor& indices, at::IntArrayRef block) {
+  check_blocks(residual_in, blocks_in, indices, block);
+  const Tensor residual =
+      (residual_in.is_contiguous() || channels_last(residual_in)) ? residual_in : residual_in.contiguous();
+  const auto dtype = c10::promoteTypes(blocks_in.scalar_type(), residual.scalar_type());
+  const Tensor blocks = blocks_in.to(dtype).contiguous();
+  const Tensor res = residual.scalar_type() == dtype ? residual : residual.to(dtype);
+  Tensor out = at::empty_like(blocks, at::MemoryFormat::Contiguous);
+  if (out.numel() == 0) return out;
+  const Tensor idx = indices.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "sigec_residual_add", [&] {
+    residual_kernel<scalar_t>(blocks, res, idx.data_ptr<int64_t>(), idx.size(0), block[0], block[1], out);
+  });
+  return out;
+}
+
+template <typename scalar_t>
+void affine_kernel(const Tensor& x, const std::vector<float>& scale, const std::vector<float>& shift, int64_t n,
+                   Act act, float slope, Tensor& out) {
+  const int64_t rows = x.size(0), c = x.size(1), plane = x.size(2) * x.size(3);
+  const scalar_t* src = x.data_ptr<scalar_t>();
+  scalar_t* dst = out.data_ptr<scalar_t>();
+  at::parallel_for(0, rows * c, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t row = task / c, ch = task % c, s = row % n;  // block-major rows cycle through samples
+      const float a = scale[s * c + ch], b = shift[s * c + ch];
+      const scalar_t* in = src + task * plane;
+      scalar_t* o = dst + task * plane;
+      for (int64_t k = 0; k < plane; ++k) o[k] = static_cast<scalar_t>(activate(static_cast<float>(in[k]) * a + b, act, slope));
+    }
+  });
+}
+
+Tensor affine_act(const Tensor& x_in, const Tensor& scale, const Tensor& shift, std::string activation, double slope) {
+  TORCH_CHECK_VALUE(x_in.dim() == 4, "sigec.affine_act: x must be 4-D");
+  const int64_t n = scale.size(0), c = x_in.size(1);
+  TORCH_CHECK_VALUE(x_in.size(0) % n == 0, "sigec.affine_act: rows of x must be a multiple of the batch");
+  const Tensor x = x_in.contiguous();
+  const auto sc = affine_table(scale, n, c), sh = affine_table(shift, n, c);
+  Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sigec_affine_act", [&] {
+    affine_kernel<scalar_t>(x, sc, sh, n, parse_act(activation), static_cast<float>(slope), out);
+  });
+  // the reference keeps the input's memory format; so do we
+  return x_in.is_contiguous() ? out : out.contiguous(x_in.suggest_memory_format());
+}
+
+}  // namespace
+}  // namespace sigec
+
+TORCH_LIBRARY_IMPL(sigec, CPU, m) {
+  m.impl("gather", &sigec::gather);
+  m.impl("scatter_", &sigec::scatter_);
+  m.impl("scatter_gather_", &sigec::scatter_gather_);
+  m.impl("residual_add", &sigec::residual_add);
+  m.impl("affine_act", &sigec::affine_act);
+}

@@ -1,0 +1,126 @@
+"""Native CPU kernels (csrc/cpu_kernels.cpp) against the pure-PyTorch reference kernels."""
+import itertools
+import os
+import warnings
+
+import pytest
+import torch
+
+from sigec.runtime import native
+from sigec.runtime.ops import ACTIVATIONS, REFERENCE_KERNELS
+
+sigec = torch.ops.sigec
+
+pytestmark = pytest.mark.skipif(os.environ.get("SIGEC_NATIVE") == "0", reason="native kernels disabled")
+
+DTYPES = {torch.float32: 0.0, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+LAYOUTS = (torch.contiguous_format, torch.channels_last)
+
+
+def test_native_kernels_are_built_and_registered():
+    assert native.load(), native.status()
+    assert native.available() and "native" in native.status()
+
+
+def _full(batch, dtype, layout, shape=(5, 13, 11)):
+    return torch.randn(batch, *shape).to(dtype).to(memory_format=layout)
+
+
+def _assert_same(got, expected, dtype):
+    tol = DTYPES[dtype]
+    torch.testing.assert_close(got, expected, rtol=tol, atol=tol if tol else 1e-6)
+
+
+# indices include blocks past the bottom/right edge and windows reaching outside on every side
+INDICES = torch.tensor([[0, 0], [1, 2], [3, 2], [2, 0], [0, 2]])
+
+
+@pytest.mark.parametrize("mode,dtype,layout,batch", itertools.product(
+    ["constant", "replicate", "reflect"], DTYPES, LAYOUTS, [1, 3]))
+def test_gather_matches_reference(mode, dtype, layout, batch):
+    x = _full(batch, dtype, layout)
+    args = (INDICES, [6, 5], [4, 4], [-1, -2], mode, -3.0, None, None, "none", 0.0)
+    _assert_same(sigec.gather(x, *args), REFERENCE_KERNELS["gather"](x, *args), dtype)
+
+
+@pytest.mark.parametrize("activation,dtype,layout", itertools.product(ACTIVATIONS, DTYPES, LAYOUTS))
+def test_gather_with_affine_and_activation_matches_reference(activation, dtype, layout):
+    x = _full(2, dtype, layout)
+    scale, shift = torch.rand(2, 5) + 0.5, torch.randn(2, 5)
+    args = (INDICES, [6, 6], [4, 4], [-1, -1], "constant", 0.0, scale, shift, activation, 0.2)
+    _assert_same(sigec.gather(x, *args), REFERENCE_KERNELS["gather"](x, *args), dtype)
+
+
+@pytest.mark.parametrize("dtype,layout,batch", itertools.product(DTYPES, LAYOUTS, [1, 2]))
+def test_inplace_scatter_and_fused_gather_match_reference(dtype, layout, batch):
+    blocks = torch.randn(len(INDICES) * batch, 5, 4, 4).to(dtype)
+    native_base, reference_base = _full(batch, dtype, layout), None
+    reference_base = native_base.clone()
+    sigec.scatter_(native_base, blocks, INDICES, [4, 4])
+    REFERENCE_KERNELS["scatter_"](reference_base, blocks, INDICES, [4, 4])
+    assert torch.equal(native_base, reference_base)
+    assert native_base.is_contiguous(memory_format=layout)
+    gather_args = (INDICES[:3], [6, 6], [4, 4], [-1, -1], "replicate", 0.0)
+    got = sigec.scatter_gather_(native_base, blocks * 2, INDICES, [4, 4], *gather_args)
+    want = REFERENCE_KERNELS["scatter_gather_"](reference_base, blocks * 2, INDICES, [4, 4], *gather_args)
+    assert torch.equal(native_base, reference_base)
+    _assert_same(got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype,layout", itertools.product(DTYPES, LAYOUTS))
+def test_residual_add_matches_reference(dtype, layout):
+    residual = _full(2, dtype, layout)
+    blocks = torch.randn(len(INDICES) * 2, 5, 4, 4).to(dtype)
+    args = (blocks, residual, INDICES, [4, 4])
+    _assert_same(sigec.residual_add(*args), REFERENCE_KERNELS["residual_add"](*args), dtype)
+
+
+@pytest.mark.parametrize("activation,dtype,layout", itertools.product(ACTIVATIONS, DTYPES, LAYOUTS))
+def test_affine_act_matches_reference(activation, dtype, layout):
+    x = torch.randn(6, 5, 4, 4).to(dtype).to(memory_format=layout)  # blocks of a batch of 2
+    scale, shift = torch.rand(2, 5) + 0.5, torch.randn(2, 5)
+    got = sigec.affine_act(x, scale, shift, activation, 0.1)
+    want = REFERENCE_KERNELS["affine_act"](x, scale, shift, activation, 0.1)
+    _assert_same(got, want, dtype)
+    assert got.stride() == want.stride()
+
+
+def test_empty_block_lists_and_bad_arguments():
+    x = torch.randn(1, 2, 8, 8)
+    none = torch.zeros(0, 2, dtype=torch.int64)
+    assert sigec.gather(x, none, [4, 4], [4, 4], [0, 0], "constant", 0.0, None, None, "none", 0.0).shape == (0, 2, 4, 4)
+    before = x.clone()
+    sigec.scatter_(x, torch.zeros(0, 2, 4, 4), none, [4, 4])
+    assert torch.equal(x, before)
+    with pytest.raises(ValueError, match="pad_mode"):
+        sigec.gather(x, torch.tensor([[0, 0]]), [4, 4], [4, 4], [0, 0], "circular", 0.0, None, None, "none", 0.0)
+    with pytest.raises(ValueError, match="NCHW-contiguous or channels-last"):
+        sigec.scatter_(torch.randn(1, 2, 8, 16)[..., ::2], torch.zeros(1, 2, 4, 4), torch.tensor([[0, 0]]), [4, 4])
+
+
+def test_reference_kernels_context_switches_and_restores():
+    x = torch.randn(1, 3, 8, 8)
+    idx = torch.tensor([[0, 1]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with native.reference_kernels():
+            with torch.profiler.profile() as prof:
+                sigec.gather(x, idx, [4, 4], [4, 4], [0, 0], "constant", 0.0, None, None, "none", 0.0)
+    # the reference gather is built from aten.index_select; the native one calls no aten op
+    assert any(e.name == "aten::index_select" for e in prof.events())
+    with torch.profiler.profile() as prof:
+        sigec.gather(x, idx, [4, 4], [4, 4], [0, 0], "constant", 0.0, None, None, "none", 0.0)
+    assert not any(e.name == "aten::index_select" for e in prof.events())
+
+
+def test_missing_compiler_falls_back_with_one_warning(monkeypatch):
+    state = dict(native._state)
+    monkeypatch.setattr(native, "_state", {"tried": False, "loaded": False, "error": None})
+    monkeypatch.setattr(native, "_sources", lambda: None)
+    with pytest.warns(RuntimeWarning, match="could not be built"):
+        assert native.load() is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert native.load() is False  # reported once
+    assert "reference" in native.status()
+    assert state["loaded"]  # the real kernels stay registered for the other tests
