@@ -233,6 +233,8 @@ class GatherGeometry:
         return int(idx.min()), int(idx.max()) + 1
 
     def run(self, x, have, want, out, args, kwargs) -> torch.Tensor:
+        if any(bool((self.src[axis][a:b] < 0).all()) for axis, (a, b) in enumerate(out)):
+            return x.new_full((*x.shape[:2], out[0][1] - out[0][0], out[1][1] - out[1][0]), self.fill)
         y = x
         fills = []
         for axis, ((a, b), (lo, _)) in enumerate(zip(out, have)):

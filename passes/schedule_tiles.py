@@ -211,6 +211,10 @@ class TilePlan:
     path: list = dataclasses.field(default_factory=list)
     #: phase -> held and whole values freed after it (their last reader)
     release: dict = dataclasses.field(default_factory=dict)
+    #: phase -> estimated peak bytes during it
+    phase_total: dict = dataclasses.field(default_factory=dict)
+    #: whole node -> values of its step that no later node reads, freed right after it
+    whole_free: dict = dataclasses.field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -483,39 +487,60 @@ def _evaluate(gm: GraphModule, ctx: TilingContext, sched: dict, dropped: set, fo
                     held.add(u)
                     if sched[u][1] == p:
                         raise AssertionError(f"{u.name} read held in its own phase")
-    # whole values are read by whole nodes and tiled programs
+    # lifetimes on a clock where phase p's whole step is at p and its tile step at p + 0.5
     whole_nodes = {p: [n for n in nodes if sched[n] == ("whole", p)] for p in range(phases)}
+    last: dict = {}
+    for u, ps in read_phases.items():  # held values read by tile programs
+        last[u] = max(ps) + 0.5
     for p, ns in whole_nodes.items():
         for n in ns:
             for u in n.all_input_nodes:
                 if sched[u][0] in ("tiled", "whole"):
-                    read_phases.setdefault(u, set()).add(p)
+                    last[u] = max(last.get(u, 0.0), float(p))
     for p, progs in programs.items():
         for prog in progs:
             for step in prog.steps:
                 if step.action == "read" and sched[step.node][0] == "whole":
-                    read_phases.setdefault(step.node, set()).add(p)
-    # memory per phase: held and whole values live from their phase to their last reader
-    hold_bytes = {v: value_bytes(v, ctx.hold_dtype) for v in held}
+                    last[step.node] = max(last.get(step.node, 0.0), p + 0.5)
+    born: dict = {}
+    size: dict = {}
+    for v in held:
+        born[v], size[v] = sched[v][1] + 0.5, value_bytes(v, ctx.hold_dtype)
+    for ns in whole_nodes.values():
+        for v in ns:
+            born[v], size[v] = float(sched[v][1]), value_bytes(v)
+    for i, v in enumerate(outputs):
+        if v is not None and sched[v][0] in ("tiled", "whole"):
+            born.setdefault(v, sched[v][1] + (0.5 if sched[v][0] == "tiled" else 0.0))
+            size.setdefault(v, value_bytes(v))
+            last[v] = float("inf")
     phase_bytes: dict = {}
+    phase_total: dict = {}
+    whole_free: dict = {}
     peak, peak_phase = 0, 0
-    out_bytes = {v: value_bytes(v) for v in out_of}
     for p in range(phases):
-        base = 0
-        for v in held:
-            if sched[v][1] <= p <= max(read_phases.get(v, {sched[v][1]})):
-                base += hold_bytes[v]
-        for ns in whole_nodes.values():
-            for v in ns:
-                if sched[v][1] <= p <= max(read_phases.get(v, {sched[v][1]})):
-                    base += value_bytes(v)
-        base += sum(b for v, b in out_bytes.items() if sched[v][1] <= p)
+        # the whole step: earlier values still needed, plus this step's own, freed after their last use
+        base = sum(size[v] for v in born if born[v] < p <= last.get(v, born[v]))
+        live, step_peak = 0, 0
+        last_in_step = {u: n for n in whole_nodes[p] for u in n.all_input_nodes}
+        kept = set(outputs)
+        for n in whole_nodes[p]:
+            live += size[n]
+            step_peak = max(step_peak, live)
+            # values of this step that nothing reads after this node: freed at once
+            done = [u for u in n.all_input_nodes + [n]
+                    if born.get(u) == p and last_in_step.get(u, n) is n and last.get(u, p) <= p and u not in kept]
+            whole_free[n] = tuple(done)
+            live -= sum(size[u] for u in done)
+        t = p + 0.5
+        tile_base = sum(size[v] for v in born if born[v] <= t <= last.get(v, born[v]))
         work = max((prog.peak_bytes for prog in programs.get(p, [])), default=0)
-        whole_work = max((value_bytes(v) for v in whole_nodes[p]), default=0)
-        total = base + max(work, whole_work)
-        phase_bytes[p] = (base, work)
-        if total > peak:
-            peak, peak_phase = total, p
+        phase_bytes[p] = (tile_base, work)
+        phase_total[p] = max(base + step_peak, tile_base + work)
+        if phase_total[p] > peak:
+            peak, peak_phase = phase_total[p], p
+    read_phases = {v: {int(t)} for v, t in last.items() if t != float("inf")}
+    hold_bytes = {v: size[v] for v in held}
     macs = scale * sum(prog.macs for progs in programs.values() for prog in progs)
     macs += sum(_cost(n, resolution(n)[0] * resolution(n)[1]) if resolution(n) else 0.0
                 for ns in whole_nodes.values() for n in ns)
@@ -525,14 +550,36 @@ def _evaluate(gm: GraphModule, ctx: TilingContext, sched: dict, dropped: set, fo
         if v not in kept:
             release.setdefault(max(read_phases.get(v, {sched[v][1]})), []).append(v)
     return TilePlan(phases, programs, whole_nodes, {}, held, set(dropped), set(forced), outputs, int(peak),
-                    macs, peak_phase, phase_bytes, hold_bytes, ctx.hold_dtype, release=release)
+                    macs, peak_phase, phase_bytes, hold_bytes, ctx.hold_dtype, release=release,
+                    phase_total=phase_total, whole_free=whole_free)
+
+
+def _recompute_is_free(v: Node) -> bool:
+    """An op without multiply-accumulates (pointwise, norm, gather) of image inputs no larger than
+    its output: holding its inputs instead costs no more memory, and recomputing it almost no time
+    (an up-sampling, an activation after a norm)."""
+    rule = v.meta[K.TILE]
+    if rule.kind not in (TileKind.POINTWISE, TileKind.GATHER, TileKind.NORM) or macs_per_output_pixel(v) > 0:
+        return False
+    images = [u for u, role in zip(v.all_input_nodes, rule.roles) if role is Role.IMAGE]
+    return bool(images) and sum(value_bytes(u) for u in images) <= value_bytes(v)
+
+
+def _evaluate_dropping(gm, ctx, sched, dropped: set, forced, stats_of, outputs) -> tuple[set, TilePlan]:
+    """``_evaluate`` after also dropping every held value whose recomputation is free."""
+    dropped = set(dropped)
+    while True:
+        plan = _evaluate(gm, ctx, sched, dropped, forced, stats_of, outputs, representative=True)
+        free = {v for v in plan.held - forced - dropped if _recompute_is_free(v)}
+        if not free:
+            return dropped, plan
+        dropped |= free
 
 
 def _choose_holds(gm, ctx: TilingContext, sched, forced, stats_of, outputs) -> tuple[set, str, list]:
     """Greedy hold-versus-recompute (module docstring, step 4); returns the dropped set."""
-    dropped: set = set()
-    current = _evaluate(gm, ctx, sched, dropped, forced, stats_of, outputs, representative=True)
-    path = [(set(), current.estimated_macs, current.estimated_peak_bytes)]
+    dropped, current = _evaluate_dropping(gm, ctx, sched, set(), forced, stats_of, outputs)
+    path = [(set(dropped), current.estimated_macs, current.estimated_peak_bytes)]
     budget = ctx.budget_bytes
     if budget is not None and ctx.on_full == "raise":
         if current.estimated_peak_bytes > budget:
@@ -540,23 +587,25 @@ def _choose_holds(gm, ctx: TilingContext, sched, forced, stats_of, outputs) -> t
                               f"{current.estimated_peak_bytes / 2**20:.0f} MiB, over the budget of "
                               f"{budget / 2**20:.0f} MiB; raise the budget, use more tiles, or allow "
                               "recomputation with on_cache_full='evict'")
-        return dropped, "hold every value later phases read (on_cache_full='raise')", path
+        return dropped, "hold every value later phases read, recomputing only copies (on_cache_full='raise')", path
     while budget is None or current.estimated_peak_bytes > budget:
         p = current.peak_phase
         live = [v for v in current.held - forced
                 if sched[v][1] <= p and any(p <= q for q in _readers(current, v))]
         best = None
         for v in sorted(live, key=lambda n: n.name):
-            trial = _evaluate(gm, ctx, sched, dropped | {v}, forced, stats_of, outputs, representative=True)
-            saved = current.estimated_peak_bytes - trial.estimated_peak_bytes
-            if saved <= 0:
+            trial_dropped, trial = _evaluate_dropping(gm, ctx, sched, dropped | {v}, forced, stats_of, outputs)
+            # several phases may share the peak: a drop that lowers this phase without raising the
+            # peak is progress
+            saved = current.phase_total[p] - trial.phase_total[p]
+            if saved <= 0 or trial.estimated_peak_bytes > current.estimated_peak_bytes:
                 continue
             ratio = max(0.0, trial.estimated_macs - current.estimated_macs) / saved
             if best is None or ratio < best[0]:
-                best = (ratio, v, trial)
+                best = (ratio, trial_dropped, trial)
         if best is None:
             break
-        dropped = dropped | {best[1]}
+        dropped = best[1]
         current = best[2]
         path.append((set(dropped), current.estimated_macs, current.estimated_peak_bytes))
     if budget is not None:
@@ -667,7 +716,10 @@ def halos(plan: TilePlan) -> dict:
             for s in prog.steps:
                 if s.action != "compute":
                     continue
-                h = tuple(max(o[0] - r[0], r[1] - o[1], 0) for r, o in zip(s.region, s.owned))
+                # reach past the owned pixels, but never more than the extra pixels (a flip or roll
+                # displaces a tile's region without growing it)
+                h = tuple(min(max(o[0] - r[0], r[1] - o[1], 0), max(0, (r[1] - r[0]) - (o[1] - o[0])))
+                          for r, o in zip(s.region, s.owned))
                 old = out.get(s.node, (0, 0))
                 out[s.node] = (max(old[0], h[0]), max(old[1], h[1]))
     return out

@@ -134,6 +134,8 @@ class TiledRunner:
             for n in plan.whole.get(p, []):
                 args, kwargs = map_arg((n.args, n.kwargs), lambda u: self._whole_value(u, env, held, dtype_of))
                 env[n] = n.target(*args, **kwargs)
+                for u in plan.whole_free.get(n, ()):
+                    env.pop(u, None)
             accumulators: dict = {}
             for prog in plan.programs.get(p, []):
                 self._run_program(prog, env, held, outputs, stats, accumulators, dtype_of)
@@ -195,7 +197,11 @@ class TiledRunner:
         wants = dict(zip(images, step.wants))
         values: dict = {}
         for u, role in zip(n.all_input_nodes, rule.roles):
-            if role is Role.IMAGE:
+            if role is Role.IMAGE and u not in tenv:  # the op reads none of it here (all padding)
+                start = tuple((w[0], w[0]) for w in wants[u])
+                tenv[u] = (torch.zeros((*u.meta["val"].shape[:2], 0, 0), dtype=u.meta["val"].dtype), start)
+                values[u] = tenv[u][0]
+            elif role is Role.IMAGE:
                 value, have = tenv[u]
                 values[u] = crop(value, have, _clip(wants[u], have), layout_of(u))
             elif role is Role.SPATIAL:
