@@ -83,6 +83,13 @@ def _cmd_dump(args: argparse.Namespace) -> int:
             dump.dump_pass_graphs(target, args.policy, args.block_size, args.after, chunks.append)
             _write_output("".join(chunks), args.out)
         return 0
+    if args.tiles is not None:  # the tiled plan instead of the incremental one
+        from sigec.tiling import compile_tiled, parse_tiles, render_plan
+
+        target = dump.load_target(args.target)
+        module = compile_tiled(target.model, target.args, target.kwargs or None, tiles=parse_tiles(args.tiles))
+        _write_output(render_plan(module, args.format), args.out)
+        return 0
     target, preloaded = _load_with_mask(args)
     engine = dump.compile_target(target, args.policy, args.block_size)
     mask, source = dump.resolve_mask(engine, args.mask, args.mask_fraction, preloaded)
@@ -160,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     dump.add_argument("--passes", action="store_true",
                       help="print the pass pipeline and the graph after each pass")
     dump.add_argument("--after", metavar="PASS", help="with --passes: stop after this pass (implies --passes)")
+    dump.add_argument("--tiles", metavar="N|RxC", help="show the tiled-execution plan for N x N (or R x C) tiles "
+                      "instead: tile regions, halos, synchronization phases, held values, peak-memory estimate "
+                      "(text or json)")
     dump.set_defaults(func=_cmd_dump)
 
     bench = sub.add_parser(

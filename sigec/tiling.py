@@ -326,3 +326,60 @@ def build_tile_report(module: TiledModule) -> TileReport:
 
 
 _ = value_bytes  # re-exported for reports
+
+
+# ---------------------------------------------------------------------------------------------
+# sigec dump --tiles
+
+
+def parse_tiles(text: str) -> tuple[int, int]:
+    """``"4"`` or ``"4x2"`` (rows x cols) -> ``(rows, cols)``."""
+    parts = text.lower().split("x")
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        raise TilingError(f"--tiles takes N or ROWSxCOLS (say 4 or 4x2), got {text!r}") from None
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2:
+        raise TilingError(f"--tiles takes N or ROWSxCOLS (say 4 or 4x2), got {text!r}")
+    return values
+
+
+def node_table(module: TiledModule) -> list[dict]:
+    """One row per computed value: op, resolution, mode (tiled / whole), phase, held, halo, why whole."""
+    found = halos(module.plan)
+    rows = []
+    for n in module.graph_module.graph.nodes:
+        if n.op != "call_function":
+            continue
+        sched = n.meta[K.SCHEDULE]
+        if sched.mode in ("source", "ignored"):
+            continue
+        res = resolution(n)
+        rows.append(dict(node=n.name, op=str(n.target).replace("aten.", ""), resolution=list(res) if res else None,
+                         kind=n.meta[K.TILE].kind.value, mode=sched.mode, phase=sched.phase,
+                         held=n in module.plan.held, recomputed=n in module.plan.dropped,
+                         halo=list(found[n]) if n in found else None, reason=sched.reason))
+    return rows
+
+
+def render_plan(module: TiledModule, fmt: str = "text") -> str:
+    """The plan as ``sigec dump --tiles`` shows it: the report and the per-value table (text or json)."""
+    import json
+
+    report = module.report()
+    table = node_table(module)
+    if fmt == "json":
+        return json.dumps({"plan": report.as_dict(), "nodes": table}, indent=2) + "\n"
+    if fmt != "text":
+        raise TilingError(f"sigec dump --tiles prints text or json, not {fmt}")
+    head = f"{'node':32s} {'op':28s} {'res':>9s} {'kind':10s} {'mode':6s} {'phase':>5s} {'held':>5s} {'halo':>6s}"
+    lines = [str(report), "", head, "-" * len(head)]
+    for r in table:
+        res = f"{r['resolution'][0]}x{r['resolution'][1]}" if r["resolution"] else "-"
+        held = "yes" if r["held"] else ("re" if r["recomputed"] else "")
+        halo = f"{r['halo'][0]}x{r['halo'][1]}" if r["halo"] else "-"
+        lines.append(f"{r['node'][:32]:32s} {r['op'][:28]:28s} {res:>9s} {r['kind']:10s} {r['mode']:6s} "
+                     f"{r['phase']:>5d} {held:>5s} {halo:>6s}")
+    return "\n".join(lines) + "\n"

@@ -378,3 +378,18 @@ def test_benchmark_quick_mode(tmp_path):
     assert rows["sigec 2x2 exact (held float16)"]["psnr_db"] > 60
     assert all(r["peak_growth_bytes"][0] is None or r["peak_growth_bytes"][0] >= 0 for r in result["rows"])
     assert json.loads(out.read_text())["rows"][1]["name"] == "sigec 2x2 exact (held float16)"
+
+
+def test_sigec_dump_tiles(capsys):
+    from sigec.cli import main
+
+    assert main(["dump", "tests.cli_targets:church_small", "--tiles", "2x2"]) == 0
+    text = capsys.readouterr().out
+    assert "tiled plan: 2x2 tiles over the 64x64 output" in text and "sync group_norm" in text
+    assert "estimated peak memory" in text and "halos" in text
+    assert main(["dump", "tests.cli_targets:church_small", "--tiles", "2", "--format", "json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["plan"]["grid"]["rows"] == [0, 32, 64]
+    assert any(row["mode"] == "tiled" and row["halo"] for row in d["nodes"])
+    assert main(["dump", "tests.cli_targets:church_small", "--tiles", "2by2"]) == 1
+    assert "--tiles takes N or ROWSxCOLS" in capsys.readouterr().err
