@@ -70,7 +70,9 @@ def _sparse_pays(node: Node, masks: dict) -> tuple[bool, str]:
 
 @sigec_pass(requires=(K.SPATIAL, K.RULE, K.MASK, K.GRID, K.WINDOW), provides=(K.DECISION,))
 def partition(gm: GraphModule, ctx: PassContext) -> GraphModule:
-    planned = representative_mask(ctx.input_resolution, ctx.settings.expected_active_fraction)
+    # sigec.compile runs this pass once per planned edit area, with that one area in the settings;
+    # run on its own (tests, dump) with several, it plans for the smallest
+    planned = representative_mask(ctx.input_resolution, ctx.settings.planned_fractions[0])
     exprs = [n.meta[K.MASK] for n in gm.graph.nodes if n.meta.get(K.WINDOW) is not None]
     masks = evaluate_masks(exprs, planned)
     for node in gm.graph.nodes:

@@ -5,9 +5,9 @@ from typing import Optional
 
 import torch
 
-from sigec.capture import capture
+from sigec.capture import capture, copy_graph_module
 from sigec.codegen import emit_incremental, emit_recording
-from sigec.engine import Engine
+from sigec.engine import Engine, Plan
 from sigec.passes import ANALYSIS_PASSES, INCREMENTAL_PASSES, PassContext, run_passes
 from sigec.runtime.cache import SlotStore
 from sigec.settings import BlockSize, CompileSettings
@@ -63,6 +63,16 @@ def compile(model: "torch.nn.Module | torch.export.ExportedProgram", example_arg
     return _compile_spatial(model, example_args, example_kwargs, **options)
 
 
+def _plan(captured: torch.fx.GraphModule, settings: CompileSettings, inplace: bool) -> Plan:
+    """Analyse a copy of the captured graph for one planned edit area and emit its incremental graph."""
+    gm = copy_graph_module(captured)
+    ctx = PassContext(settings)
+    gm = run_passes(gm, ctx, ANALYSIS_PASSES)
+    incremental, signature = emit_incremental(gm, ctx.batch, inplace=inplace)
+    incremental = run_passes(incremental, ctx, INCREMENTAL_PASSES)
+    return Plan(settings.expected_active_fraction, gm, ctx, incremental, signature)
+
+
 def _compile_spatial(model, example_args, example_kwargs, *, policy, eps, dilation, threshold, block_size,
                      expected_active_fraction, spatial_inputs, cache_budget_bytes, on_cache_full, on_stale,
                      cache_dtype) -> Engine:
@@ -80,15 +90,13 @@ def _compile_spatial(model, example_args, example_kwargs, *, policy, eps, dilati
     if example_args is not None and not isinstance(example_args, tuple):
         example_args = (example_args,)
     captured = capture(model, example_args, example_kwargs)
-    ctx = PassContext(settings)
-    gm = run_passes(captured.gm, ctx, ANALYSIS_PASSES)
     # scatters write into the cached tensors in place unless the cache is stored narrower
-    model_dtypes = {p.dtype for p in gm.parameters() if p.is_floating_point()}
+    model_dtypes = {p.dtype for p in captured.gm.parameters() if p.is_floating_point()}
     inplace = cache_dtype is None or model_dtypes == {cache_dtype}
-    incremental, signature = emit_incremental(gm, ctx.batch, inplace=inplace)
-    incremental = run_passes(incremental, ctx, INCREMENTAL_PASSES)
-    recording = emit_recording(gm, signature)
+    plans = [_plan(captured.gm, settings.for_plan(f), inplace) for f in settings.planned_fractions]
+    cache_keys = list(dict.fromkeys(key for plan in plans for key in plan.signature.caches))
+    recording = emit_recording(plans[0].graph_module, cache_keys)
     store = SlotStore(cache_budget_bytes, on_cache_full)
-    return Engine(gm, ctx, recording, incremental, signature, captured.in_spec, captured.out_spec,
+    return Engine(plans, recording, cache_keys, captured.in_spec, captured.out_spec,
                   captured.input_names, store, source=model if isinstance(model, torch.nn.Module) else None,
                   on_stale=on_stale, cache_dtype=cache_dtype)

@@ -127,3 +127,15 @@ def _from_exported(ep: torch.export.ExportedProgram, args: tuple, kwargs: dict) 
         raise CaptureError(f"the exported program has {len(names)} inputs but the example has {len(flat)} "
                            "leaves; non-tensor example inputs must be constants of the model")
     return Captured(gm, ep.call_spec.in_spec, ep.call_spec.out_spec, names)
+
+
+def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A GraphModule with a copy of ``gm``'s graph (nodes, names and a shallow copy of each
+    ``node.meta``) over the same parameters and buffers, so passes can annotate it independently."""
+    graph = torch.fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    graph._codegen = gm.graph._codegen
+    copy = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    copy.meta.update(gm.meta)
+    return copy

@@ -862,7 +862,7 @@ def dump_pass_graphs(target: Target, policy: str, block_size: Optional[int], aft
                      stop_after=after if after in incremental else None)
     if after in incremental:
         return
-    rec = emit_recording(gm, signature)
+    rec = emit_recording(gm, signature.caches)
     write(f"\n== codegen: recording graph ==\n{format_graph(rec)}\n")
 
 

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+import math
 import threading
 import weakref
 from itertools import chain
@@ -62,6 +64,28 @@ def _read_blocks(t: torch.Tensor, indices: torch.Tensor, block: list) -> torch.T
     return torch.ops.sigec.gather(t, indices, block, block, [0, 0], "constant", 0.0, None, None, "none", 0.0)
 
 
+@dataclasses.dataclass
+class Plan:
+    """One compiled plan: the graph analysed for one planned edit area, and its incremental graph.
+
+    Attributes:
+        planned_fraction: the edit area (fraction of the image) the cost model planned for.
+        graph_module: the analysed dense graph (``node.meta`` holds this plan's decisions).
+        context: the pass context of the analysis.
+        incremental: GraphModule ``(*inputs, *cached, *block indices, *pixel masks) ->
+            (*outputs, *updated cached values)``.
+        signature: positions of the incremental graph's inputs and outputs.
+        cache_positions: where each of ``signature.caches`` is in a slot's cache list.
+    """
+
+    planned_fraction: float
+    graph_module: GraphModule
+    context: PassContext
+    incremental: GraphModule
+    signature: IncrementalSignature
+    cache_positions: list = dataclasses.field(default_factory=list)
+
+
 class Engine(torch.nn.Module):
     """Runs a model incrementally.
 
@@ -72,26 +96,30 @@ class Engine(torch.nn.Module):
     changed. Slots are chosen by the values of the non-spatial inputs (for example the timestep)
     or named with ``with engine.slot(name):``.
 
+    Each call runs the plan made for the edit area nearest to its own (``plans``, one per
+    ``expected_active_fraction``); all plans read the same slots.
+
     Attributes:
-        graph_module: the analysed dense graph (``node.meta`` holds the plan).
-        recording: GraphModule ``(*inputs) -> (*outputs, *cached)``.
-        incremental: GraphModule ``(*inputs, *cached, *block indices, *pixel masks) ->
-            (*outputs, *updated cached values)``.
-        signature: positions of the incremental graph's inputs and outputs.
+        plans: the compiled plans, by ascending planned edit area.
+        recording: GraphModule ``(*inputs) -> (*outputs, *cached)``, with the caches of every plan
+            in the order of ``cache_keys``.
+        graph_module, context, incremental, signature: those of the plan the last edit ran (or
+            that ``report(mask)`` chose); the first plan before any edit.
     """
 
-    def __init__(self, graph_module: GraphModule, ctx: PassContext, recording: GraphModule,
-                 incremental: GraphModule, signature: IncrementalSignature, in_spec, out_spec,
+    def __init__(self, plans: list[Plan], recording: GraphModule, cache_keys: list, in_spec, out_spec,
                  input_names: list[str], store: SlotStore, source: Optional[torch.nn.Module] = None,
                  on_stale: str = "rerecord", cache_dtype: Optional[torch.dtype] = None):
         super().__init__()
         if on_stale not in ("rerecord", "raise"):
             raise ValueError(f"on_stale must be 'rerecord' or 'raise', got {on_stale!r}")
-        self.graph_module = graph_module
+        self.plans = plans
         self.recording = recording
-        self.incremental = incremental
-        self.signature = signature
-        self.context = ctx
+        self.cache_keys = cache_keys
+        self._plan = plans[0]
+        for plan in plans:
+            plan.cache_positions = [cache_keys.index(key) for key in plan.signature.caches]
+        graph_module, ctx = plans[0].graph_module, plans[0].context
         self._in_spec, self._out_spec = in_spec, out_spec
         self.input_names = input_names
         self._spatial_pos = [input_names.index(n) for n in ctx.spatial_inputs]
@@ -104,11 +132,14 @@ class Engine(torch.nn.Module):
         self.cache_dtype = cache_dtype
         # cached activations that may be stored in cache_dtype (values of edited nodes only: slot
         # constants and normalization affines are small and used as they are)
-        self._narrowable = {i for i, (name, kind) in enumerate(signature.caches)
-                            if kind == VALUE and name in set(signature.updated)}
-        # caches the incremental graph overwrites in place: (cache position, block-index position,
-        # block size); their overwritten blocks are saved before a run and restored before the next
-        self._inplace = [(c, b, list(signature.blocks[b][1]), nhwc) for c, b, nhwc in signature.inplace]
+        updated = {name for plan in plans for name in plan.signature.updated}
+        self._narrowable = {i for i, (name, kind) in enumerate(cache_keys) if kind == VALUE and name in updated}
+        # per plan, the caches its incremental graph overwrites in place: (slot cache position,
+        # block-index position, block size, NHWC); the overwritten blocks are saved before a run
+        # and restored before the next
+        self._inplace = {id(plan): [(plan.cache_positions[c], b, list(plan.signature.blocks[b][1]), nhwc)
+                                    for c, b, nhwc in plan.signature.inplace] for plan in plans}
+        self._working_buffers = sorted({(pos, nhwc) for entries in self._inplace.values() for pos, _, _, nhwc in entries})
         # (name, tensor, identity) of every parameter and buffer the graphs read; the model's own
         # objects, so in-place updates show up in their version counters.
         self._watched = [(name, t, id(t)) for name, t in
@@ -133,6 +164,28 @@ class Engine(torch.nn.Module):
                                   f"{moved.dtype} on {moved.device}: its graphs are specialized to both. Move "
                                   "the model (model.to(...)) and call sigec.compile again")
         return super()._apply(fn, recurse)
+
+    # -- plans --------------------------------------------------------------------------------
+    @property
+    def graph_module(self) -> GraphModule:
+        return self._plan.graph_module
+
+    @property
+    def context(self) -> PassContext:
+        return self._plan.context
+
+    @property
+    def incremental(self) -> GraphModule:
+        return self._plan.incremental
+
+    @property
+    def signature(self) -> IncrementalSignature:
+        return self._plan.signature
+
+    def plan_for(self, input_mask: torch.Tensor) -> Plan:
+        """The plan made for the edit area nearest (in ratio) to ``input_mask``'s."""
+        area = max(float(input_mask.float().mean()), 1e-6)
+        return min(self.plans, key=lambda p: abs(math.log(p.planned_fraction / area)))
 
     # -- slots --------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -272,10 +325,10 @@ class Engine(torch.nn.Module):
         results = list(self.recording(*flat))
         n_out = self.signature.num_outputs
         outputs, caches = results[:n_out], [self._store_dtype(i, c) for i, c in enumerate(results[n_out:])]
-        for pos, _, _, nhwc in self._inplace:
+        for pos, nhwc in self._working_buffers:
             caches[pos] = _writable(caches[pos], nhwc)
         # an output that is also a working buffer would change under later edits
-        buffers = {id(caches[pos]) for pos, _, _, _ in self._inplace}
+        buffers = {id(caches[pos]) for pos, _ in self._working_buffers}
         outputs = [o.clone() if id(o) in buffers else o for o in outputs]
         spatial = [flat[p].detach().clone() for p in self._spatial_pos]
         self.store.put(key, Slot(spatial, caches, outputs, fp, self._state_versions()))
@@ -289,19 +342,21 @@ class Engine(torch.nn.Module):
             self.last_stats = {"input_mask": input_mask, "masks": {}, "blocks": {}}
             self._pending = None
             return self._unflatten([o.clone() if isinstance(o, torch.Tensor) else o for o in slot.outputs])
+        plan = self._plan = self.plan_for(input_mask)
         stats = self.mask_stats(input_mask)
-        indices = [stats["blocks"][k] for k in self.signature.blocks]
-        pixel = [stats["masks"][m][None, None] for m in self.signature.pixel_masks]
+        indices = [stats["blocks"][k] for k in plan.signature.blocks]
+        pixel = [stats["masks"][m][None, None] for m in plan.signature.pixel_masks]
         # saved before anything is written, so a run that fails part-way is undone too
         slot.dirty = [(pos, indices[b], block, nhwc, _read_blocks(_nchw(slot.caches[pos], nhwc), indices[b], block))
-                      for pos, b, block, nhwc in self._inplace]
-        results = list(self.incremental(*flat, *slot.caches, *indices, *pixel))
-        n_out = self.signature.num_outputs
+                      for pos, b, block, nhwc in self._inplace[id(plan)]]
+        caches = [slot.caches[i] for i in plan.cache_positions]
+        results = list(plan.incremental(*flat, *caches, *indices, *pixel))
+        n_out = plan.signature.num_outputs
         # outputs may be working buffers, which the next edit overwrites
         outputs = [o.clone() if isinstance(o, torch.Tensor) else o for o in results[:n_out]]
         updated = results[n_out:]
         self.last_stats = stats
-        self._pending = {"key": key, "outputs": outputs, "updated": dict(zip(self.signature.updated, updated)),
+        self._pending = {"key": key, "outputs": outputs, "updated": dict(zip(plan.signature.updated, updated)),
                          "spatial": [flat[p].detach().clone() for p in self._spatial_pos]}
         return self._unflatten(list(outputs))
 
@@ -321,7 +376,7 @@ class Engine(torch.nn.Module):
             self._pending = None
             raise EngineError("weights changed since the last edit was computed; nothing to commit")
         caches = list(slot.caches)
-        for i, (name, kind) in enumerate(self.signature.caches):
+        for i, (name, kind) in enumerate(self.cache_keys):
             if kind == VALUE and name in p["updated"]:
                 caches[i] = self._store_dtype(i, p["updated"][name])
         # the in-place caches already hold the edit: committing keeps their blocks (dirty=None)
@@ -348,9 +403,12 @@ class Engine(torch.nn.Module):
 
     # -- introspection ------------------------------------------------------------------------
     def report(self, mask: Optional[torch.Tensor] = None) -> "Report":
-        """Per-node decisions, mask fractions and MACs for ``mask`` (default: the last edit)."""
+        """Per-node decisions, mask fractions and MACs for ``mask`` (default: the last edit), in
+        the plan an edit of that mask runs (which becomes the engine's current plan)."""
         from sigec.report import build_report
         if mask is None and self.last_stats is not None:
             mask = self.last_stats["input_mask"]
+        if mask is not None:
+            self._plan = self.plan_for(mask)
         stats = self.mask_stats(mask, every_node=True) if mask is not None else None
         return build_report(self, stats)

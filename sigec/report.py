@@ -33,6 +33,9 @@ class Report:
     nodes: list[NodeReport]
     policy: str
     input_mask_fraction: Optional[float]
+    #: the edit area the plan that runs this mask was made for, and every planned area
+    planned_fraction: Optional[float] = None
+    planned_fractions: tuple = ()
 
     @property
     def dense_macs(self) -> int:
@@ -63,6 +66,10 @@ class Report:
         ratio = f"{self.dense_macs / inc:.2f}x" if inc else "-"
         lines.append(f"total: dense {self.dense_macs:,} MACs, incremental "
                      f"{inc if inc is None else format(inc, ',')} MACs ({ratio} fewer), policy {self.policy}")
+        if self.planned_fraction is not None:
+            plans = ", ".join(f"{f:.1%}" for f in self.planned_fractions)
+            lines.append(f"plan: made for a {self.planned_fraction:.1%} edit (plans for {plans}; each call runs "
+                         "the one nearest its edit area)")
         fb = self.fallbacks()
         if fb:
             lines.append(f"fallbacks ({len(fb)}): " + "; ".join(f"{k}: {v}" for k, v in list(fb.items())[:10]))
@@ -105,4 +112,5 @@ def build_report(engine, stats: Optional[dict]) -> Report:
             active_blocks=count, dense_macs=node_macs(node), incremental_macs=inc,
             approximation=ctx.approximations.get(node.name, "")))
     input_frac = float(stats["input_mask"].float().mean()) if stats is not None else None
-    return Report(rows, ctx.settings.policy, input_frac)
+    return Report(rows, ctx.settings.policy, input_frac, ctx.settings.planned_fractions[0],
+                  tuple(p.planned_fraction for p in engine.plans))

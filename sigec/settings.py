@@ -23,7 +23,10 @@ class CompileSettings:
             covers exceeds this (0: any overlap).
         block_size: output block edge; ``None`` picks one per resolution, an int fixes it, a mapping
             ``{resolution: size}`` sets it per resolution (keyed by the height).
-        expected_active_fraction: the edit area the cost model plans for when choosing sparse or dense.
+        expected_active_fraction: the edit area (fraction of the image) the cost model plans for
+            when choosing sparse or dense per node. A sequence compiles one plan per value, and each
+            call runs the plan made for the area nearest to its own edit (so small edits run their
+            low-resolution layers sparse too, and large ones keep them dense).
         spatial_inputs: names of the flat inputs that are images; ``None`` means every 4-D floating
             input with height and width above 1.
     """
@@ -33,7 +36,7 @@ class CompileSettings:
     dilation: int = 1
     threshold: float = 0.0
     block_size: BlockSize = None
-    expected_active_fraction: float = 0.15
+    expected_active_fraction: Union[float, Sequence[float]] = (0.01, 0.05, 0.2)
     spatial_inputs: Optional[Sequence[str]] = None
 
     def __post_init__(self) -> None:
@@ -43,13 +46,26 @@ class CompileSettings:
             raise ValueError(f"eps must be >= 0, got {self.eps}")
         if self.dilation < 0:
             raise ValueError(f"dilation must be >= 0, got {self.dilation}")
-        if not 0.0 < self.expected_active_fraction <= 1.0:
-            raise ValueError("expected_active_fraction must be in (0, 1]")
+        fractions = self.planned_fractions
+        if not fractions or not all(0.0 < f <= 1.0 for f in fractions):
+            raise ValueError(f"expected_active_fraction must be a fraction in (0, 1] or a sequence of them, "
+                             f"got {self.expected_active_fraction!r}")
         bs = self.block_size
         if isinstance(bs, int) and bs < 1:
             raise ValueError(f"block_size must be >= 1, got {bs}")
         if isinstance(bs, Mapping) and any(int(v) < 1 for v in bs.values()):
             raise ValueError(f"every block size must be >= 1, got {dict(bs)}")
+
+    @property
+    def planned_fractions(self) -> tuple[float, ...]:
+        """The edit areas to compile a plan for, ascending."""
+        f = self.expected_active_fraction
+        values = (f,) if isinstance(f, (int, float)) else tuple(f)
+        return tuple(sorted(float(v) for v in values))
+
+    def for_plan(self, fraction: float) -> "CompileSettings":
+        """These settings for the one plan made for an edit of ``fraction`` of the image."""
+        return dataclasses.replace(self, expected_active_fraction=float(fraction))
 
     def block_for(self, height: int, width: int) -> tuple[int, int]:
         """Output block size at a resolution: powers of two keep nearest up-sampling aligned."""

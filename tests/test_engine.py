@@ -203,3 +203,24 @@ def test_scatters_write_the_cache_in_place_and_undo_uncommitted_edits(setup):
     engine.commit()
     both = _edit(xa, 10, 9)
     torch.testing.assert_close(engine(both, t)["sample"], model(both, t)["sample"], rtol=1e-4, atol=1e-5)
+
+
+def test_each_edit_runs_the_plan_made_for_its_area():
+    """Plans for several edit areas: a small edit runs more of the network sparse than a large one,
+    both match the dense model, and the report names the plan."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1),
+                          nn.SiLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.SiLU(),
+                          nn.Upsample(scale_factor=4.0), nn.Conv2d(8, 3, 3, padding=1)).eval()
+    x = torch.randn(1, 3, 32, 32)
+    engine = sigec.compile(model, (x,), policy="exact", block_size=4, expected_active_fraction=(0.01, 0.6))
+    assert [p.planned_fraction for p in engine.plans] == [0.01, 0.6]
+    sparse = [sum(n.meta["sigec.decision"].kind.value == "sparse" for n in p.graph_module.graph.nodes)
+              for p in engine.plans]
+    assert sparse[0] > sparse[1]
+    engine(x)
+    small, large = _edit(x, 14, 14, 2), _edit(x, 2, 2, 26)
+    for edited, plan in ((small, engine.plans[0]), (large, engine.plans[1])):
+        torch.testing.assert_close(engine(edited), model(edited), rtol=1e-4, atol=1e-5)
+        assert engine.incremental is plan.incremental
+        assert f"made for a {plan.planned_fraction:.1%} edit" in str(engine.report())

@@ -98,14 +98,15 @@ def test_fault_at_every_runtime_op_leaves_the_engine_correct():
     reference = ReferenceRuntime(engine.graph_module)
     engine(x)
     reference.record([x])
-    healthy = engine.incremental
+    (plan,) = engine.plans
+    healthy = plan.incremental
     n_ops = sum(1 for n in healthy.graph.nodes if n.op == "call_function")
     x2 = _edit(x)
     for k in range(n_ops):
-        engine.incremental = _FaultAt(healthy, k)
+        plan.incremental = _FaultAt(healthy, k)
         with pytest.raises(RuntimeError, match="injected fault"):
             engine(x2)
-        engine.incremental = healthy
+        plan.incremental = healthy
         x3 = _edit(x, 0.5 + k)
         torch.testing.assert_close(engine(x3), reference.run([x3], engine.last_stats["input_mask"])[0],
                                    rtol=1e-4, atol=1e-4)

@@ -1,8 +1,9 @@
 """Emit the recording GraphModule: the dense model plus what the incremental graph reads.
 
 Inputs are the flat user inputs; outputs are ``(*flat model outputs, *cached tensors)`` in the
-order of ``IncrementalSignature.caches``: recorded values, and for each frozen normalization
-its ``(scale, shift)`` from ``sigec.norm_affine``.
+order of the ``(node name, kind)`` cache keys it is given (the union of every plan's
+``IncrementalSignature.caches``): recorded values, and for each frozen normalization its
+``(scale, shift)`` from ``sigec.norm_affine``.
 """
 from __future__ import annotations
 
@@ -11,11 +12,11 @@ import operator
 import torch
 from torch.fx import Graph, GraphModule
 
-from sigec.codegen.incremental import NORM_SCALE, VALUE, IncrementalSignature
+from sigec.codegen.incremental import NORM_SCALE, VALUE
 from sigec.passes.op_table import norm_args, num_groups
 
 
-def emit_recording(gm: GraphModule, sig: IncrementalSignature) -> GraphModule:
+def emit_recording(gm: GraphModule, cache_keys: list) -> GraphModule:
     g = Graph()
     val_map: dict = {}
     outs = g.graph_copy(gm.graph, val_map)
@@ -23,7 +24,7 @@ def emit_recording(gm: GraphModule, sig: IncrementalSignature) -> GraphModule:
     by_name = {n.name: n for n in gm.graph.nodes}
     norm_cache: dict = {}
     cached = []
-    for name, kind in sig.caches:
+    for name, kind in cache_keys:
         node = by_name[name]
         if kind == VALUE:
             cached.append(val_map[node])
