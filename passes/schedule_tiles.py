@@ -43,6 +43,9 @@ from sigec.plan import NCHW, SpatialKind
 log = logging.getLogger("sigec.tiling")
 
 Region = tuple[tuple[int, int], tuple[int, int]]
+#: held values are stored in row bands, this many per tile row, so a value read for the last time
+#: is freed band by band while the next one is written
+BANDS_PER_TILE_ROW = 4
 #: the elementwise work of one output element, in multiply-accumulates (memory-bound ops cost
 #: about this many MACs per element on CPU); only used to rank plans
 ELEMENT_COST = 20.0
@@ -215,6 +218,8 @@ class TilePlan:
     phase_total: dict = dataclasses.field(default_factory=dict)
     #: whole node -> values of its step that no later node reads, freed right after it
     whole_free: dict = dataclasses.field(default_factory=dict)
+    #: (phase, program index) -> [(held value, band)] no later program reads: freed after it
+    band_frees: dict = dataclasses.field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,8 +432,8 @@ def _build_program(p: int, tile, targets: dict, grid: TileGrid, sched: dict, dro
             if rule.kind in (TileKind.WINDOW, TileKind.NORM):
                 image_ops = [u for u, role in zip(n.all_input_nodes, rule.roles) if role is Role.IMAGE]
                 transient = sum(_per_pixel_bytes(u) * area(w) for u, w in zip(image_ops, step.wants))
-        elif step.action == "held" and hold_dtype is not None and hold_dtype != _tensors(_val(n))[0].dtype:
-            out_bytes = _per_pixel_bytes(n) * pixels  # converted back to the compute dtype
+        elif step.action == "held":
+            out_bytes = _per_pixel_bytes(n) * pixels  # gathered from its bands in the compute dtype
         live += out_bytes
         live_bytes[n] = out_bytes
         peak = max(peak, live + transient)
@@ -514,6 +519,7 @@ def _evaluate(gm: GraphModule, ctx: TilingContext, sched: dict, dropped: set, fo
             born.setdefault(v, sched[v][1] + (0.5 if sched[v][0] == "tiled" else 0.0))
             size.setdefault(v, value_bytes(v))
             last[v] = float("inf")
+    kept = {o for o in outputs if o is not None}
     phase_bytes: dict = {}
     phase_total: dict = {}
     whole_free: dict = {}
@@ -523,7 +529,6 @@ def _evaluate(gm: GraphModule, ctx: TilingContext, sched: dict, dropped: set, fo
         base = sum(size[v] for v in born if born[v] < p <= last.get(v, born[v]))
         live, step_peak = 0, 0
         last_in_step = {u: n for n in whole_nodes[p] for u in n.all_input_nodes}
-        kept = set(outputs)
         for n in whole_nodes[p]:
             live += size[n]
             step_peak = max(step_peak, live)
@@ -533,7 +538,16 @@ def _evaluate(gm: GraphModule, ctx: TilingContext, sched: dict, dropped: set, fo
             whole_free[n] = tuple(done)
             live -= sum(size[u] for u in done)
         t = p + 0.5
-        tile_base = sum(size[v] for v in born if born[v] <= t <= last.get(v, born[v]))
+        alive = [v for v in born if born[v] <= t <= last.get(v, born[v])]
+        # held values are stored in row bands: those read for the last time shrink as tile rows
+        # finish, those written grow with them
+        dying = sum(size[v] for v in alive if v in held and last.get(v) == t and born[v] < t)
+        growing = sum(size[v] for v in alive if v in held and born[v] == t and v not in kept)
+        steady = sum(size[v] for v in alive) - dying - growing
+        rows = grid.shape[0]
+        stream = max(dying * min(1.0, (rows - r) / rows + 1 / (rows * BANDS_PER_TILE_ROW)) + growing * (r + 1) / rows
+                     for r in range(rows))
+        tile_base = int(steady + stream)
         work = max((prog.peak_bytes for prog in programs.get(p, [])), default=0)
         phase_bytes[p] = (tile_base, work)
         phase_total[p] = max(base + step_peak, tile_base + work)
@@ -544,14 +558,47 @@ def _evaluate(gm: GraphModule, ctx: TilingContext, sched: dict, dropped: set, fo
     macs = scale * sum(prog.macs for progs in programs.values() for prog in progs)
     macs += sum(_cost(n, resolution(n)[0] * resolution(n)[1]) if resolution(n) else 0.0
                 for ns in whole_nodes.values() for n in ns)
+    band_frees = {} if representative else _band_frees(programs, held, last, grid, sched)
     release: dict = {}
-    kept = set(o for o in outputs if o is not None)
     for v in set(held) | {n for ns in whole_nodes.values() for n in ns}:
         if v not in kept:
             release.setdefault(max(read_phases.get(v, {sched[v][1]})), []).append(v)
     return TilePlan(phases, programs, whole_nodes, {}, held, set(dropped), set(forced), outputs, int(peak),
                     macs, peak_phase, phase_bytes, hold_bytes, ctx.hold_dtype, release=release,
-                    phase_total=phase_total, whole_free=whole_free)
+                    phase_total=phase_total, whole_free=whole_free, band_frees=band_frees)
+
+
+def bands(grid: TileGrid, res: tuple[int, int]) -> list:
+    """Row bands ``[(lo, hi)]`` a held value at ``res`` is stored in: each tile row split in
+    ``BANDS_PER_TILE_ROW`` (a tile's owned rows are whole bands)."""
+    out = []
+    for i in range(grid.shape[0]):
+        (lo, hi), _ = grid.owned(res, (i, 0))
+        cuts = sorted({lo + (hi - lo) * k // BANDS_PER_TILE_ROW for k in range(BANDS_PER_TILE_ROW)} | {hi})
+        out += [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+    return out
+
+
+def _band_frees(programs: dict, held: set, last: dict, grid: TileGrid, sched: dict) -> dict:
+    """After which program of its last reading phase each band of a held value can go."""
+    frees: dict = {}
+    for v in held:
+        t = last.get(v)
+        if t is None or t == float("inf") or t != int(t) + 0.5:
+            continue  # last read by a whole node (or never): freed with the phase
+        p = int(t)
+        last_reader: dict = {}
+        layout = bands(grid, resolution(v))
+        for index, prog in enumerate(programs.get(p, [])):
+            for step in prog.steps:
+                if step.node is v and step.action == "held":
+                    (r0, r1), _ = step.region
+                    for k, (lo, hi) in enumerate(layout):
+                        if lo < r1 and r0 < hi:
+                            last_reader[k] = index
+        for k, index in last_reader.items():
+            frees.setdefault((p, index), []).append((v, k))
+    return frees
 
 
 def _recompute_is_free(v: Node) -> bool:

@@ -19,7 +19,7 @@ from torch.fx.node import map_arg
 
 from sigec import meta_keys as K
 from sigec.passes.classify_tiling import Role, TileKind
-from sigec.passes.schedule_tiles import TilePlan, layout_of, resolution
+from sigec.passes.schedule_tiles import TileGrid, TilePlan, bands, layout_of, resolution
 from sigec.plan import NCHW
 
 log = logging.getLogger("sigec.tiling")
@@ -39,6 +39,51 @@ def crop(value, have, want, layout: str = NCHW):
 
 def _full(res) -> tuple:
     return ((0, res[0]), (0, res[1]))
+
+
+class BandedValue:
+    """A value held between phases, stored in row bands (allocated when first written, freed when
+    the plan says no later tile reads them), in the plan's storage dtype."""
+
+    def __init__(self, node: Node, layout: list, dtype: torch.dtype, device):
+        v = node.meta["val"]
+        self.shape, self.dtype, self.device = tuple(v.shape), dtype, device
+        self.row_dim = 2 if layout_of(node) == NCHW else 1
+        self.layout = layout
+        self.bands: list = [None] * len(layout)
+
+    def _band(self, k: int) -> torch.Tensor:
+        if self.bands[k] is None:
+            shape = list(self.shape)
+            shape[self.row_dim] = self.layout[k][1] - self.layout[k][0]
+            self.bands[k] = torch.empty(shape, dtype=self.dtype, device=self.device)
+        return self.bands[k]
+
+    def write(self, region, value: torch.Tensor, layout: str) -> None:
+        (r0, r1), cols = region
+        for k, (lo, hi) in enumerate(self.layout):
+            if lo < r1 and r0 < hi:
+                a, b = max(lo, r0), min(hi, r1)
+                dst = crop(self._band(k), ((lo, hi), (0, self.shape[self.row_dim + 1])), ((a, b), cols), layout)
+                dst.copy_(crop(value, region, ((a, b), cols), layout))
+
+    def read(self, region, dtype: torch.dtype, layout: str) -> torch.Tensor:
+        (r0, r1), cols = region
+        parts = []
+        for k, (lo, hi) in enumerate(self.layout):
+            if lo < r1 and r0 < hi:
+                if self.bands[k] is None:
+                    raise RuntimeError("tiled plan: a held band was read after it was freed")
+                a, b = max(lo, r0), min(hi, r1)
+                parts.append(crop(self.bands[k], ((lo, hi), (0, self.shape[self.row_dim + 1])), ((a, b), cols), layout))
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=self.row_dim)
+        return out.to(dtype)
+
+    def full(self, dtype: torch.dtype, layout: str) -> torch.Tensor:
+        return self.read(((0, self.shape[self.row_dim]), (0, self.shape[self.row_dim + 1])), dtype, layout)
+
+    def free(self, k: int) -> None:
+        self.bands[k] = None
 
 
 class NormStatistics:
@@ -100,9 +145,10 @@ class TiledRunner:
     """Executes a plan on flat inputs; ``norm_stats`` gives (mean, var) per norm node name when the
     statistics come from elsewhere (the preview pass)."""
 
-    def __init__(self, gm: GraphModule, plan: TilePlan, norm_stats: Optional[dict] = None):
+    def __init__(self, gm: GraphModule, plan: TilePlan, grid: TileGrid, norm_stats: Optional[dict] = None):
         self.gm = gm
         self.plan = plan
+        self.grid = grid
         self.norm_stats = norm_stats
         self.placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self.statics = [n for n in gm.graph.nodes
@@ -113,7 +159,7 @@ class TiledRunner:
         if u in env:
             return env[u]
         if u in held:
-            return held[u].to(dtype_of[u])
+            return held[u].full(dtype_of[u], layout_of(u))
         raise RuntimeError(f"tiled plan: {u.name} is not available whole")
 
     def run(self, flat_inputs: list) -> list:
@@ -137,8 +183,10 @@ class TiledRunner:
                 for u in plan.whole_free.get(n, ()):
                     env.pop(u, None)
             accumulators: dict = {}
-            for prog in plan.programs.get(p, []):
+            for index, prog in enumerate(plan.programs.get(p, [])):
                 self._run_program(prog, env, held, outputs, stats, accumulators, dtype_of)
+                for v, k in plan.band_frees.get((p, index), ()):
+                    held[v].free(k)
             for norm, acc in accumulators.items():
                 stats[norm] = acc.mean_var()
             for v in plan.release.get(p, []):
@@ -151,7 +199,7 @@ class TiledRunner:
             elif v in outputs:
                 result.append(outputs[v])
             else:
-                result.append(env[v] if v in env else held[v].to(dtype_of[v]))
+                result.append(env[v] if v in env else held[v].full(dtype_of[v], layout_of(v)))
         return result
 
     # -- tiles ---------------------------------------------------------------------------------
@@ -163,7 +211,7 @@ class TiledRunner:
             if step.action == "read":
                 value = crop(env[n], _full(resolution(n)), step.region, layout)
             elif step.action == "held":
-                value = crop(held[n], _full(resolution(n)), step.region, layout).to(dtype_of[n])
+                value = held[n].read(step.region, dtype_of[n], layout)
             else:
                 value = self._compute(step, tenv, env, stats)
             tenv[n] = (value, step.region)
@@ -176,10 +224,9 @@ class TiledRunner:
                     acc.add(owned)
                 if step.write_held:
                     if n not in held:
-                        v = n.meta["val"]
-                        held[n] = torch.empty(tuple(v.shape), dtype=self.plan.hold_dtype or v.dtype,
-                                              device=owned.device)
-                    crop(held[n], _full(resolution(n)), step.owned, layout).copy_(owned)
+                        held[n] = BandedValue(n, bands(self.grid, resolution(n)),
+                                              self.plan.hold_dtype or n.meta["val"].dtype, owned.device)
+                    held[n].write(step.owned, owned, layout)
                 if step.outputs:
                     if n not in outputs:
                         v = n.meta["val"]

@@ -114,7 +114,7 @@ class TiledModule(torch.nn.Module):
         self.input_names = input_names
         self._examples = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
         self._preview = preview
-        self._runner = TiledRunner(gm, self.plan)
+        self._runner = TiledRunner(gm, self.plan, ctx.grid)
 
     def forward(self, *args, **kwargs) -> Any:
         flat = self._flatten(args, kwargs)
