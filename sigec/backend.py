@@ -19,6 +19,7 @@ import warnings
 from typing import Any, Callable, Optional, Sequence
 
 import torch
+import torch.fx.traceback as fx_traceback
 from torch.fx import GraphModule
 
 log = logging.getLogger("sigec.backend")
@@ -75,7 +76,10 @@ class _BoundGraph(torch.nn.Module):
 
     def forward(self, *args):
         inputs = [args[ref] if kind == "arg" else getattr(self, ref) for kind, ref in self._positions]
-        return self.graph_module(*inputs)
+        # node by node, keeping dynamo's node meta: a re-export then still knows each op's module
+        # (nn_module_stack), which temporal cuts are named by
+        with fx_traceback.preserve_node_meta():
+            return torch.fx.Interpreter(self.graph_module).run(*inputs)
 
 
 def sigec_backend(gm: GraphModule, example_inputs: Sequence[Any], options: Optional[dict] = None) -> Callable:

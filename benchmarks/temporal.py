@@ -1,0 +1,308 @@
+"""Benchmark: temporal reuse (DeepCache, FasterDiffusion) in a DDIM loop, against the dense loop
+and the DeepCache package.
+
+For each UNet it runs the same DDIM loop (same initial latent, same scheduler) densely, through
+sigec engines with the DeepCache cut (N = 3 and 5, branch 0) and FasterDiffusion's cut and key
+steps, and with ``DeepCache.DeepCacheSDHelper`` patching the model. It prints one table: loop
+time (median [min, max] over ``--repeats`` interleaved runs), MACs per loop counted from the
+graphs, the MAC ratio and speed-up over the dense loop, their quotient (how much of the MAC cut
+the wall clock keeps), and the final latent's PSNR against the dense loop. The MACs of every
+graph are cross-checked with ``torch.utils.flop_counter.FlopCounterMode``.
+
+Models: ``sd1`` (``sigec.models.sd_unet("sd1")``: 64x64 latent, text embeddings (1, 77, 768)
+drawn at random) and ``church256`` (``sigec.models.ddpm_unet("church256")``), seeded random
+weights. On the trained ``digits-ddpm`` model (when it ships) it adds fidelity: the final samples'
+PSNR against the dense loop for each schedule, including ``"auto"`` at the MACs of uniform N=3.
+
+    python benchmarks/temporal.py                                   # sd1 and church256, 20 steps
+    python benchmarks/temporal.py --models sd1 --steps 50 --repeats 1
+    python benchmarks/temporal.py --quick --no-timing               # small configurations (tests)
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+from typing import Callable, Optional
+
+# Busy-waiting OpenMP threads make 2-thread timings on a shared machine jump; must be set before
+# torch loads its OpenMP runtime. An explicit setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script or with -m
+
+import sigec  # noqa: E402
+from benchmarks.common import psnr, write_json  # noqa: E402
+from sigec.models import ddpm_unet, sd_unet  # noqa: E402
+from sigec.temporal import DeepCache, FasterDiffusion, Reuse  # noqa: E402
+
+aten = torch.ops.aten
+
+
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """torch 2.13's FlopCounterMode has no formula for the CPU attention kernel: Q @ K^T and P @ V."""
+    *batch, lq, dqk = query_shape
+    return 2 * math.prod(batch) * lq * key_shape[-2] * (dqk + value_shape[-1])
+
+
+_CPU_SDPA = {aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+
+
+def counted_macs(fn: Callable[[], object]) -> int:
+    """MACs of one call of ``fn`` according to FlopCounterMode (FLOPs / 2)."""
+    counter = FlopCounterMode(display=False, custom_mapping=_CPU_SDPA)
+    with torch.no_grad(), counter:
+        fn()
+    return counter.get_total_flops() // 2
+
+
+@dataclasses.dataclass
+class Case:
+    """A UNet, its example inputs and how the loop calls it (``call(model, latent, t)``)."""
+
+    name: str
+    model: torch.nn.Module
+    latent: torch.Tensor
+    kwargs: dict
+    call: Callable
+
+
+def sd_case(config: str) -> Case:
+    model = sd_unet(config)
+    res, dim = model.config.sample_size, model.config.cross_attention_dim
+    g = torch.Generator().manual_seed(0)
+    latent = torch.randn(1, 4, res, res, generator=g)
+    text = torch.randn(1, 77, dim, generator=g)
+    return Case(config, model, latent, {"encoder_hidden_states": text},
+                lambda m, x, t: m(x, t, encoder_hidden_states=text).sample)
+
+
+def church_case(config: str) -> Case:
+    model = ddpm_unet(config)
+    res = model.config.sample_size
+    latent = torch.randn(1, 3, res, res, generator=torch.Generator().manual_seed(0))
+    return Case(config, model, latent, {}, lambda m, x, t: m(x, t).sample)
+
+
+def ddim_loop(step: Callable, scheduler, latent: torch.Tensor, steps: int) -> torch.Tensor:
+    scheduler.set_timesteps(steps)
+    x = latent.clone()
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = scheduler.step(step(x, t), t, x).prev_sample
+    return x
+
+
+def _package_loop(case: Case, scheduler, interval: int, steps: int) -> torch.Tensor:
+    from DeepCache import DeepCacheSDHelper
+
+    helper = DeepCacheSDHelper(pipe=types.SimpleNamespace(unet=case.model, scheduler=scheduler))
+    helper.set_params(cache_interval=interval, cache_branch_id=0)
+    helper.enable()
+    try:
+        return ddim_loop(lambda x, t: case.call(case.model, x, t), scheduler, case.latent, steps)
+    finally:
+        helper.disable()
+
+
+def _has_package() -> bool:
+    try:
+        import DeepCache  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def measure_model(case: Case, steps: int, repeats: int, timing: bool, batched: bool, quick: bool = False) -> dict:
+    """Compile the engines, cross-check MACs, time the loops; one result dict per variant."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler()
+    specs = {"sigec DeepCache N=3": DeepCache(3, 0), "sigec DeepCache N=5": DeepCache(5, 0),
+             "sigec FasterDiffusion": FasterDiffusion()}
+    if quick:  # one DeepCache engine is enough to exercise every column
+        del specs["sigec DeepCache N=5"]
+    if batched:
+        specs["sigec FasterDiffusion batched"] = FasterDiffusion(batch_partial_steps=True)
+    engines, compile_s = {}, {}
+    for name, spec in tqdm(specs.items(), desc=f"{case.name}: compile", unit="engine"):
+        start = time.perf_counter()
+        engines[name] = sigec.compile(case.model, (case.latent, torch.tensor(999)), case.kwargs, temporal=spec,
+                                      scheduler=scheduler)
+        compile_s[name] = time.perf_counter() - start
+    dense_step = next(iter(engines.values())).macs()["full"]
+    flat = [case.latent, torch.tensor(999), *case.kwargs.values()]
+    # the independent count: every distinct graph once under FlopCounterMode
+    check = {"full": (dense_step, counted_macs(lambda: case.call(case.model, case.latent, torch.tensor(999))))}
+    for name, engine in engines.items():
+        if "batched" in name:
+            continue
+        cut = list(engine.full(*flat))[engine.specialization.num_outputs:]
+        check[name + " partial"] = (engine.macs()["partial"], counted_macs(lambda: engine.partial(*flat, *cut)))
+    variants: dict[str, Callable[[], torch.Tensor]] = {
+        "dense": lambda: ddim_loop(lambda x, t: case.call(case.model, x, t), scheduler, case.latent, steps)}
+    for name, engine in engines.items():
+        variants[name] = (lambda e: lambda: ddim_loop(lambda x, t: case.call(e, x, t), scheduler, case.latent,
+                                                      steps))(engine)
+    intervals = [n for n in (3, 5) if f"sigec DeepCache N={n}" in engines]
+    if _has_package():
+        for n in intervals:
+            variants[f"DeepCache package N={n}"] = (lambda k: lambda: _package_loop(case, scheduler, k, steps))(n)
+    macs = {"dense": steps * dense_step}
+    macs.update({name: e.loop_macs(steps) for name, e in engines.items()})
+    macs.update({f"DeepCache package N={n}": engines[f"sigec DeepCache N={n}"].loop_macs(steps) for n in intervals})
+    finals: dict[str, torch.Tensor] = {}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    rounds = repeats if timing else 1
+    with torch.no_grad():
+        # warm-up: one step of every graph (kernel selection, allocator), not whole loops
+        case.call(case.model, case.latent, torch.tensor(999))
+        for engine in engines.values():
+            engine.partial(*flat, *list(engine.full(*flat))[engine.specialization.num_outputs:])
+        for _ in tqdm(range(rounds), desc=f"{case.name}: loops", unit="round"):
+            for name, run in variants.items():  # interleaved: every round times each variant once
+                start = time.perf_counter()
+                finals[name] = run()
+                times[name].append(time.perf_counter() - start)
+    dense_t = statistics.median(times["dense"])
+    rows = []
+    for name in variants:
+        row = {"variant": name, "macs_per_loop": macs[name], "mac_ratio": macs["dense"] / macs[name],
+               "psnr_vs_dense_db": psnr(finals[name], finals["dense"]),
+               "max_abs_diff_vs_dense": float((finals[name] - finals["dense"]).abs().max())}
+        if name.startswith("DeepCache package"):
+            twin = finals[name.replace("DeepCache package", "sigec DeepCache")]
+            row["max_abs_diff_vs_sigec"] = float((finals[name] - twin).abs().max())
+        if timing:
+            t = times[name]
+            row.update(loop_s=[statistics.median(t), min(t), max(t)], speedup=dense_t / statistics.median(t))
+            row["wall_over_mac_ratio"] = row["speedup"] / row["mac_ratio"]
+        rows.append(row)
+    return {"model": case.name, "steps": steps, "latent": list(case.latent.shape),
+            "compile_s": compile_s, "macs_per_step": {"full": dense_step,
+                                                      **{k: e.macs()["partial"] for k, e in engines.items()}},
+            "flop_counter_check": {k: {"sigec": a, "FlopCounterMode": b, "ratio": a / b if b else None}
+                                   for k, (a, b) in check.items()},
+            "key_steps": {k: sorted(e.key_steps(steps)) for k, e in engines.items()},
+            "rows": rows}
+
+
+def _s(t: Optional[list]) -> str:
+    return f"{t[0]:.1f} [{t[1]:.1f}, {t[2]:.1f}]" if t else "-"
+
+
+def format_table(result: dict) -> str:
+    head = (f"{'variant':32s} {'GMACs/loop':>10s} {'MAC ratio':>9s} {'loop s [min, max]':>22s} "
+            f"{'speedup':>8s} {'wall/MAC':>8s} {'PSNR dB':>8s}")
+    lines = [f"{result['model']}: DDIM {result['steps']} steps, latent {'x'.join(map(str, result['latent']))}",
+             head, "-" * len(head)]
+    for r in result["rows"]:
+        speed = f"{r['speedup']:.2f}x" if "speedup" in r else "-"
+        eff = f"{r['wall_over_mac_ratio']:.0%}" if "wall_over_mac_ratio" in r else "-"
+        lines.append(f"{r['variant']:32s} {r['macs_per_loop'] / 1e9:>10.1f} {r['mac_ratio']:>8.2f}x "
+                     f"{_s(r.get('loop_s')):>22s} {speed:>8s} {eff:>8s} {r['psnr_vs_dense_db']:>8.1f}")
+    checks = ", ".join(f"{k} {v['ratio']:.4f}" for k, v in result["flop_counter_check"].items())
+    lines.append(f"MACs sigec / FlopCounterMode: {checks}")
+    for r in result["rows"]:
+        if "max_abs_diff_vs_sigec" in r:
+            lines.append(f"{r['variant']}: final latent differs from sigec's by at most {r['max_abs_diff_vs_sigec']:.2e}")
+    return "\n".join(lines)
+
+
+def measure_fidelity(steps_list: list[int], batch: int) -> Optional[dict]:
+    """PSNR of the final samples against the dense loop on the trained digits model, per schedule;
+    ``"auto"`` is calibrated on one batch of noise and measured on another."""
+    from diffusers import DDIMScheduler
+
+    try:
+        model, scheduler_config = sigec.models.load("digits-ddpm")
+    except Exception as exc:  # not shipped in this checkout
+        print(f"digits-ddpm not available ({type(exc).__name__}: {exc}); fidelity skipped")
+        return None
+    size = model.config.sample_size
+    noise = torch.randn(batch, model.config.in_channels, size, size, generator=torch.Generator().manual_seed(1))
+    calibration = torch.randn(noise.shape, generator=torch.Generator().manual_seed(2))
+    t0 = torch.tensor(999)
+    out = {"model": "digits-ddpm", "batch": batch, "rows": []}
+    for steps in steps_list:
+        scheduler = DDIMScheduler.from_config(scheduler_config)
+        dense = ddim_loop(lambda x, t: model(x, t).sample, scheduler, noise, steps)
+        dc = sigec.compile(model, (noise, t0), temporal=DeepCache(3, 0), scheduler=scheduler)
+        branch0 = dc.cut_modules()
+        specs = {"DeepCache N=3": DeepCache(3, 0), "DeepCache N=5": DeepCache(5, 0),
+                 "FasterDiffusion": FasterDiffusion(), "auto (MACs of N=3)": Reuse(branch0, "auto")}
+        for name, spec in specs.items():
+            engine = sigec.compile(model, (noise, t0), temporal=spec, scheduler=scheduler)
+            if name.startswith("auto"):
+                ddim_loop(lambda x, t: engine(x, t).sample, scheduler, calibration, steps)
+            final = ddim_loop(lambda x, t: engine(x, t).sample, scheduler, noise, steps)
+            out["rows"].append({"steps": steps, "schedule": name, "key_steps": sorted(engine.key_steps(steps)),
+                                "mac_ratio": steps * engine.macs()["full"] / engine.loop_macs(steps),
+                                "psnr_vs_dense_db": psnr(final, dense)})
+    return out
+
+
+def format_fidelity(result: dict) -> str:
+    head = f"{'steps':>5s} {'schedule':22s} {'MAC ratio':>9s} {'PSNR dB':>8s}  key steps"
+    lines = [f"fidelity on {result['model']} (batch {result['batch']}, final samples vs the dense loop)", head,
+             "-" * len(head)]
+    for r in result["rows"]:
+        lines.append(f"{r['steps']:>5d} {r['schedule']:22s} {r['mac_ratio']:>8.2f}x {r['psnr_vs_dense_db']:>8.2f}  "
+                     f"{r['key_steps']}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="sd1,church256", help="comma-separated: sd1, church256 (sd-tiny, church-small)")
+    p.add_argument("--steps", type=int, default=20, help="DDIM steps per loop")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--repeats", type=int, default=2, help="timed loops per variant (interleaved)")
+    p.add_argument("--no-timing", action="store_true", help="skip the wall-clock measurements")
+    p.add_argument("--batched", action="store_true", help="also FasterDiffusion with batch_partial_steps=True")
+    p.add_argument("--fidelity-steps", default=None,
+                   help="comma-separated DDIM steps of the digits fidelity runs (default 20,50; 6 with --quick; '' skips)")
+    p.add_argument("--quick", action="store_true", help="sd-tiny, 6 steps, one round (for tests)")
+    p.add_argument("--json", default="out/temporal.json", help="where to write the results")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    if args.quick:
+        names, args.steps, args.repeats = ["sd-tiny"], 6, 1
+    if args.fidelity_steps is None:
+        args.fidelity_steps = "6" if args.quick else "20,50"
+    builders = {"sd1": sd_case, "sd-tiny": sd_case, "church256": church_case, "church-small": church_case}
+    unknown = [n for n in names if n not in builders]
+    if unknown:
+        p.error(f"unknown model(s) {unknown}; choose from {sorted(builders)}")
+    result = {"threads": args.threads, "torch": torch.__version__, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+              "repeats": None if args.no_timing else args.repeats, "deepcache_package": _has_package(),
+              "models": []}
+    for name in names:
+        model_result = measure_model(builders[name](name), args.steps, args.repeats, not args.no_timing, args.batched,
+                                     quick=args.quick)
+        print(format_table(model_result), flush=True)
+        result["models"].append(model_result)
+    fidelity_steps = [int(s) for s in args.fidelity_steps.split(",") if s.strip()]
+    if fidelity_steps:
+        fidelity = measure_fidelity(fidelity_steps, batch=16)
+        if fidelity is not None:
+            print(format_fidelity(fidelity))
+        result["fidelity"] = fidelity
+    path = write_json(args.json, result)
+    print(f"wrote {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
