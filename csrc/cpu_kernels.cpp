@@ -53,7 +53,7 @@ inline float activate(float v, Act act, float slope) {
   switch (act) {
     case Act::kNone: return v;
     case Act::kSilu: return v / (1.0f + std::exp(-v));
-    case Act::kRelu: return v > 0.0f ? v : 0.0f;
+    case Act::kRelu: return v < 0.0f ? 0.0f : v;  // NaN stays NaN, as in torch.relu
     case Act::kLeakyRelu: return v > 0.0f ? v : v * slope;
     case Act::kGelu: return 0.5f * v * (1.0f + std::erf(v * 0.70710678118654752f));
     case Act::kGeluTanh: {
@@ -109,11 +109,15 @@ std::vector<float> affine_table(const c10::optional<Tensor>& t, int64_t n, int64
 // ------------------------------------------------------------------------------------------
 // gather
 
+// Writes the windows of `x` into channels [channel0, channel0 + C) of `out`, which has
+// `out_channels` channels (more than C when several sources are concatenated along channels).
+// `scale`/`shift` hold `out_channels` values per sample.
 template <typename scalar_t>
 void gather_kernel(const Tensor& x, const int64_t* idx, int64_t nb, const Window& win, Pad pad,
                    float pad_value, const std::vector<float>& scale, const std::vector<float>& shift,
-                   Act act, float slope, Tensor& out) {
+                   Act act, float slope, Tensor& out, int64_t channel0) {
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
+  const int64_t out_channels = out.size(1);
   const bool cl = channels_last(x);
   const scalar_t* src = x.data_ptr<scalar_t>();
   scalar_t* dst = out.data_ptr<scalar_t>();
@@ -137,8 +141,9 @@ void gather_kernel(const Tensor& x, const int64_t* idx, int64_t nb, const Window
       const int64_t col0 = idx[2 * b + 1] * win.sw + win.ow;
       // the contiguous run of in-image columns, copied with memcpy when no transform applies
       const bool straight = !cl && col0 >= 0 && col0 + win.ww <= w;
-      const float a = affine ? scale[s * c + ch] : 1.0f, sh = affine ? shift[s * c + ch] : 0.0f;
-      scalar_t* o = dst + ((b * n + s) * c + ch) * plane;
+      const int64_t oc = channel0 + ch;
+      const float a = affine ? scale[s * out_channels + oc] : 1.0f, sh = affine ? shift[s * out_channels + oc] : 0.0f;
+      scalar_t* o = dst + ((b * n + s) * out_channels + oc) * plane;
       for (int64_t r = 0; r < win.wh; ++r, o += win.ww) {
         const int64_t row = resolve(row0 + r, h, pad);
         if (row < 0) {
@@ -182,25 +187,56 @@ void gather_kernel(const Tensor& x, const int64_t* idx, int64_t nb, const Window
   });
 }
 
-Tensor gather(const Tensor& x_in, const Tensor& indices, at::IntArrayRef window, at::IntArrayRef stride,
+// The windows of the channel concatenation of `sources` (one source: a plain gather), without
+// materializing the concatenation.
+Tensor gather_sources(at::TensorList sources, const Tensor& indices, at::IntArrayRef window, at::IntArrayRef stride,
+                      at::IntArrayRef offset, const std::string& pad_mode, double pad_value,
+                      const c10::optional<Tensor>& scale, const c10::optional<Tensor>& shift,
+                      const std::string& activation, double slope) {
+  TORCH_CHECK_VALUE(!sources.empty(), "sigec.gather_cat: give at least one source");
+  const Tensor& first = sources[0];
+  int64_t channels = 0;
+  for (const Tensor& x : sources) {
+    TORCH_CHECK_VALUE(x.dim() == 4, "sigec.gather: x must be 4-D (N, C, H, W)");
+    TORCH_CHECK_VALUE(x.size(0) == first.size(0) && x.size(2) == first.size(2) && x.size(3) == first.size(3) &&
+                          x.scalar_type() == first.scalar_type(),
+                      "sigec.gather_cat: sources must share batch, height, width and dtype");
+    channels += x.size(1);
+  }
+  check_indices(indices);
+  const Tensor idx = indices.contiguous();
+  const Window win = window_of(window, stride, offset);
+  const int64_t n = first.size(0), nb = idx.size(0);
+  Tensor out = at::empty({nb * n, channels, win.wh, win.ww}, first.options().memory_format(at::MemoryFormat::Contiguous));
+  if (out.numel() == 0) return out;
+  const auto sc = affine_table(scale, n, channels), sh = affine_table(shift, n, channels);
+  TORCH_CHECK_VALUE(sc.size() == sh.size(), "sigec.gather: give both scale and shift, or neither");
+  const Pad pad = parse_pad(pad_mode);
+  const Act act = parse_act(activation);
+  int64_t channel0 = 0;
+  for (const Tensor& source : sources) {
+    const Tensor x = (source.is_contiguous() || channels_last(source)) ? source : source.contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sigec_gather", [&] {
+      gather_kernel<scalar_t>(x, idx.data_ptr<int64_t>(), nb, win, pad, static_cast<float>(pad_value), sc, sh, act,
+                              static_cast<float>(slope), out, channel0);
+    });
+    channel0 += x.size(1);
+  }
+  return out;
+}
+
+Tensor gather(const Tensor& x, const Tensor& indices, at::IntArrayRef window, at::IntArrayRef stride,
               at::IntArrayRef offset, std::string pad_mode, double pad_value,
               const c10::optional<Tensor>& scale, const c10::optional<Tensor>& shift,
               std::string activation, double slope) {
-  TORCH_CHECK_VALUE(x_in.dim() == 4, "sigec.gather: x must be 4-D (N, C, H, W)");
-  check_indices(indices);
-  const Tensor x = (x_in.is_contiguous() || channels_last(x_in)) ? x_in : x_in.contiguous();
-  const Tensor idx = indices.contiguous();
-  const Window win = window_of(window, stride, offset);
-  const int64_t n = x.size(0), c = x.size(1), nb = idx.size(0);
-  Tensor out = at::empty({nb * n, c, win.wh, win.ww}, x.options().memory_format(at::MemoryFormat::Contiguous));
-  if (out.numel() == 0) return out;
-  const auto sc = affine_table(scale, n, c), sh = affine_table(shift, n, c);
-  TORCH_CHECK_VALUE(sc.size() == sh.size(), "sigec.gather: give both scale and shift, or neither");
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sigec_gather", [&] {
-    gather_kernel<scalar_t>(x, idx.data_ptr<int64_t>(), nb, win, parse_pad(pad_mode), static_cast<float>(pad_value),
-                            sc, sh, parse_act(activation), static_cast<float>(slope), out);
-  });
-  return out;
+  return gather_sources({x}, indices, window, stride, offset, pad_mode, pad_value, scale, shift, activation, slope);
+}
+
+Tensor gather_cat(at::TensorList sources, const Tensor& indices, at::IntArrayRef window, at::IntArrayRef stride,
+                  at::IntArrayRef offset, std::string pad_mode, double pad_value,
+                  const c10::optional<Tensor>& scale, const c10::optional<Tensor>& shift,
+                  std::string activation, double slope) {
+  return gather_sources(sources, indices, window, stride, offset, pad_mode, pad_value, scale, shift, activation, slope);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -344,6 +380,7 @@ Tensor affine_act(const Tensor& x_in, const Tensor& scale, const Tensor& shift, 
 
 TORCH_LIBRARY_IMPL(sigec, CPU, m) {
   m.impl("gather", &sigec::gather);
+  m.impl("gather_cat", &sigec::gather_cat);
   m.impl("scatter_", &sigec::scatter_);
   m.impl("scatter_gather_", &sigec::scatter_gather_);
   m.impl("residual_add", &sigec::residual_add);

@@ -47,6 +47,9 @@ class Slot:
     #: blocks an uncommitted edit overwrote in the in-place caches: ``(cache position, block
     #: indices, block size, the recorded blocks)`` each; restored before the slot's next run
     dirty: Optional[list] = None
+    #: indices of the engine plans whose caches all match the baseline (``None``: every plan).
+    #: A commit made by one plan leaves stale the caches that plan does not maintain.
+    fresh_plans: Optional[frozenset] = None
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.spatial_inputs + self.caches + self.outputs

@@ -111,6 +111,33 @@ def _(x, indices, window, stride, offset, pad_mode, pad_value, scale, shift, act
     return x.new_empty((nb * x.shape[0], x.shape[1], window[0], window[1]))
 
 
+def gather_cat_reference(xs: list[Tensor], indices: Tensor, window: list[int], stride: list[int],
+                         offset: list[int], pad_mode: str, pad_value: float, scale: Optional[Tensor],
+                         shift: Optional[Tensor], activation: str, slope: float) -> Tensor:
+    """``gather`` of ``torch.cat(xs, dim=1)``, without materializing the concatenation (a skip
+    connection's ``cat`` folded into the gather that reads it). ``scale``/``shift`` span every
+    source's channels."""
+    parts, c0 = [], 0
+    for x in xs:
+        c1 = c0 + x.shape[1]
+        part_scale = scale[:, c0:c1] if scale is not None else None
+        part_shift = shift[:, c0:c1] if shift is not None else None
+        parts.append(gather_reference(x, indices, window, stride, offset, pad_mode, pad_value,
+                                      part_scale, part_shift, activation, slope))
+        c0 = c1
+    return torch.cat(parts, dim=1)
+
+
+gather_cat = torch.library.custom_op("sigec::gather_cat", mutates_args=())(gather_cat_reference)
+
+
+@gather_cat.register_fake
+def _(xs, indices, window, stride, offset, pad_mode, pad_value, scale, shift, activation, slope):
+    nb, first = indices.shape[0], xs[0]
+    channels = sum(x.shape[1] for x in xs)
+    return first.new_empty((nb * first.shape[0], channels, window[0], window[1]))
+
+
 # ---------------------------------------------------------------------------------------------
 # scatter
 
@@ -291,6 +318,7 @@ def _(x, num_groups, weight, bias, eps):
 #: native kernels are tested against, and what runs when they are not built.
 REFERENCE_KERNELS = {
     "gather": gather_reference,
+    "gather_cat": gather_cat_reference,
     "scatter_": scatter_inplace_reference,
     "scatter_gather_": scatter_gather_inplace_reference,
     "residual_add": residual_add_reference,
@@ -300,6 +328,7 @@ REFERENCE_KERNELS = {
 #: Every op of the namespace, for opcheck and completeness tests.
 ALL_OPS = {
     "gather": torch.ops.sigec.gather.default,
+    "gather_cat": torch.ops.sigec.gather_cat.default,
     "scatter": torch.ops.sigec.scatter.default,
     "scatter_gather": torch.ops.sigec.scatter_gather.default,
     "scatter_": torch.ops.sigec.scatter_.default,

@@ -13,7 +13,7 @@ that both implement the plan.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch.fx import GraphModule, Node
@@ -40,28 +40,32 @@ def _norm_affine(x: torch.Tensor, groups: int, weight, bias, eps: float):
 
 class ReferenceRuntime:
     """Record with ``record(flat_inputs)``; then ``run(flat_inputs, input_mask)``; ``commit()``
-    makes the last run the baseline (normalization statistics stay frozen, as in the engine)."""
+    makes the last run the baseline (normalization statistics stay frozen, as in the engine).
+
+    Values are kept by node name, so one recording serves every plan of an engine: pass the
+    analysed graph of the plan an edit ran (``engine.graph_module`` after the call) to ``run``.
+    """
 
     def __init__(self, gm: GraphModule):
         self.gm = gm
-        self.recorded: dict[Node, Any] = {}
-        self.norms: dict[Node, tuple] = {}
+        self.recorded: dict[str, Any] = {}
+        self.norms: dict[str, tuple] = {}
 
-    def _execute(self, flat_inputs: list, on_node) -> list:
+    def _execute(self, gm: GraphModule, flat_inputs: list, on_node) -> list:
         env: dict[Node, Any] = {}
         inputs = iter(flat_inputs)
-        for node in self.gm.graph.nodes:
+        for node in gm.graph.nodes:
             if node.op == "placeholder":
                 env[node] = next(inputs)
             elif node.op == "get_attr":
-                env[node] = _fetch(self.gm, node.target)
+                env[node] = _fetch(gm, node.target)
             elif node.op == "call_function":
                 args = map_arg(node.args, lambda n: env[n])
                 kwargs = map_arg(node.kwargs, lambda n: env[n])
                 env[node] = on_node(node, args, kwargs, env)
             elif node.op == "output":
                 out = map_arg(node.args[0], lambda n: env[n])
-                self._last_env = env
+                self._last_env = {n.name: v for n, v in env.items()}
                 return list(out) if isinstance(out, (list, tuple)) else [out]
         raise RuntimeError("graph has no output")
 
@@ -71,23 +75,25 @@ class ReferenceRuntime:
             rule = node.meta.get(K.RULE)
             if rule is not None and rule.kind is OpKind.NORM:
                 x, w, b, eps = norm_args(node)
-                self.norms[node] = _norm_affine(env[x], num_groups(node), env.get(w), env.get(b), eps)
+                self.norms[node.name] = _norm_affine(env[x], num_groups(node), env.get(w), env.get(b), eps)
             return value
 
         with torch.no_grad():
-            outs = self._execute(flat_inputs, dense)
+            outs = self._execute(self.gm, flat_inputs, dense)
         self.recorded = dict(self._last_env)
         return outs
 
-    def run(self, flat_inputs: list, input_mask: torch.Tensor) -> list:
-        exprs = [n.meta[K.MASK] for n in self.gm.graph.nodes if n.meta.get(K.MASK) is not None]
+    def run(self, flat_inputs: list, input_mask: torch.Tensor, gm: Optional[GraphModule] = None) -> list:
+        """The plan of ``gm`` (default: the one given at construction) on an edit."""
+        gm = self.gm if gm is None else gm
+        exprs = [n.meta[K.MASK] for n in gm.graph.nodes if n.meta.get(K.MASK) is not None]
         masks = M.evaluate_masks(exprs, input_mask)
 
         def step(node, args, kwargs, env):
             decision = node.meta[K.DECISION].kind
             rule = node.meta.get(K.RULE)
             if rule is not None and rule.kind is OpKind.NORM and decision is not DecisionKind.FALLBACK:
-                scale, shift = self.norms[node]
+                scale, shift = self.norms[node.name]
                 x = args[0]
                 value = (x * scale[:, :, None, None] + shift[:, :, None, None]).to(x.dtype)
             else:
@@ -97,13 +103,13 @@ class ReferenceRuntime:
                 mask, block = node.meta[K.MASK], node.meta[K.GRID]
                 res = node.meta[K.SPATIAL].resolution
                 pixels = M.blocks_to_pixels(M.active_blocks(masks[mask], block), block, res)
-                value = torch.where(_broadcastable(pixels, node), value, self.recorded[node])
+                value = torch.where(_broadcastable(pixels, node), value, self.recorded[node.name])
             elif needs_select(node):
-                value = torch.where(_broadcastable(masks[node.meta[K.MASK]], node), value, self.recorded[node])
+                value = torch.where(_broadcastable(masks[node.meta[K.MASK]], node), value, self.recorded[node.name])
             return value
 
         with torch.no_grad():
-            return self._execute(flat_inputs, step)
+            return self._execute(gm, flat_inputs, step)
 
     def commit(self) -> None:
         """The values of the last ``run`` become the recorded ones."""

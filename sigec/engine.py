@@ -139,6 +139,10 @@ class Engine(torch.nn.Module):
         # and restored before the next
         self._inplace = {id(plan): [(plan.cache_positions[c], b, list(plan.signature.blocks[b][1]), nhwc)
                                     for c, b, nhwc in plan.signature.inplace] for plan in plans}
+        # per plan, the slot caches its runs keep up to date (written in place or returned)
+        self._maintained = [frozenset([pos for pos, _, _, _ in self._inplace[id(plan)]]
+                                      + [cache_keys.index((name, VALUE)) for name in plan.signature.updated])
+                            for plan in plans]
         self._working_buffers = sorted({(pos, nhwc) for entries in self._inplace.values() for pos, _, _, nhwc in entries})
         # (name, tensor, identity) of every parameter and buffer the graphs read; the model's own
         # objects, so in-place updates show up in their version counters.
@@ -182,10 +186,12 @@ class Engine(torch.nn.Module):
     def signature(self) -> IncrementalSignature:
         return self._plan.signature
 
-    def plan_for(self, input_mask: torch.Tensor) -> Plan:
-        """The plan made for the edit area nearest (in ratio) to ``input_mask``'s."""
+    def plan_for(self, input_mask: torch.Tensor, slot: Optional[Slot] = None) -> Plan:
+        """The plan made for the edit area nearest (in ratio) to ``input_mask``'s, among those
+        whose caches in ``slot`` match its baseline."""
         area = max(float(input_mask.float().mean()), 1e-6)
-        return min(self.plans, key=lambda p: abs(math.log(p.planned_fraction / area)))
+        fresh = [p for i, p in enumerate(self.plans) if slot is None or slot.fresh_plans is None or i in slot.fresh_plans]
+        return min(fresh, key=lambda p: abs(math.log(p.planned_fraction / area)))
 
     # -- slots --------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -342,7 +348,7 @@ class Engine(torch.nn.Module):
             self.last_stats = {"input_mask": input_mask, "masks": {}, "blocks": {}}
             self._pending = None
             return self._unflatten([o.clone() if isinstance(o, torch.Tensor) else o for o in slot.outputs])
-        plan = self._plan = self.plan_for(input_mask)
+        plan = self._plan = self.plan_for(input_mask, slot)
         stats = self.mask_stats(input_mask)
         indices = [stats["blocks"][k] for k in plan.signature.blocks]
         pixel = [stats["masks"][m][None, None] for m in plan.signature.pixel_masks]
@@ -356,7 +362,7 @@ class Engine(torch.nn.Module):
         outputs = [o.clone() if isinstance(o, torch.Tensor) else o for o in results[:n_out]]
         updated = results[n_out:]
         self.last_stats = stats
-        self._pending = {"key": key, "outputs": outputs, "updated": dict(zip(plan.signature.updated, updated)),
+        self._pending = {"key": key, "plan": self.plans.index(plan), "outputs": outputs, "updated": dict(zip(plan.signature.updated, updated)),
                          "spatial": [flat[p].detach().clone() for p in self._spatial_pos]}
         return self._unflatten(list(outputs))
 
@@ -379,9 +385,12 @@ class Engine(torch.nn.Module):
         for i, (name, kind) in enumerate(self.cache_keys):
             if kind == VALUE and name in p["updated"]:
                 caches[i] = self._store_dtype(i, p["updated"][name])
-        # the in-place caches already hold the edit: committing keeps their blocks (dirty=None)
+        # the in-place caches already hold the edit: committing keeps their blocks (dirty=None).
+        # Caches the committing plan does not maintain now lag behind: plans reading them are out.
+        maintained = self._maintained[p["plan"]]
+        fresh = frozenset(i for i, m in enumerate(self._maintained) if m <= maintained)
         self.store.put(p["key"], Slot(p["spatial"], caches, list(p["outputs"]), slot.nonspatial_fingerprint,
-                                      slot.state_versions))
+                                      slot.state_versions, fresh_plans=fresh))
         self._pending = None
 
     @staticmethod

@@ -224,3 +224,28 @@ def test_each_edit_runs_the_plan_made_for_its_area():
         torch.testing.assert_close(engine(edited), model(edited), rtol=1e-4, atol=1e-5)
         assert engine.incremental is plan.incremental
         assert f"made for a {plan.planned_fraction:.1%} edit" in str(engine.report())
+
+
+def test_a_commit_by_one_plan_keeps_the_others_from_reading_stale_caches():
+    """A node dense in the large-edit plan does not update its cache; after that plan commits,
+    a small edit must not run a plan that scatters into the stale cache (exact: equals dense)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1),
+                          nn.SiLU(), nn.Conv2d(8, 8, 3, padding=1), nn.SiLU(),
+                          nn.Upsample(scale_factor=2.0), nn.Conv2d(8, 3, 3, padding=1)).eval()
+    x = torch.randn(1, 3, 32, 32)
+    engine = sigec.compile(model, (x,), policy="exact", block_size=4, expected_active_fraction=(0.01, 0.6))
+    small_plan, large_plan = engine.plans
+    assert engine._maintained[0] - engine._maintained[1]  # the small plan keeps caches the large one does not
+    engine(x)
+    large = _edit(x, 2, 2, 26)
+    engine(large)
+    assert engine.incremental is large_plan.incremental
+    engine.commit()
+    both = _edit(large, 14, 14, 2)
+    torch.testing.assert_close(engine(both), model(both), rtol=1e-4, atol=1e-5)
+    assert engine.incremental is large_plan.incremental  # the small plan's caches lag behind
+    engine.clear()
+    engine(x)
+    torch.testing.assert_close(engine(_edit(x, 14, 14, 2)), model(_edit(x, 14, 14, 2)), rtol=1e-4, atol=1e-5)
+    assert engine.incremental is small_plan.incremental  # a new recording makes every plan usable

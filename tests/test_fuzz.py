@@ -65,7 +65,7 @@ class EngineMachine(RuleBasedStateMachine):
                 assert torch.equal(out, baseline_out)  # nothing edited: the baseline, bit for bit
                 self.pending = None
             else:
-                torch.testing.assert_close(out, reference.run([x, ts], used)[0], rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(out, reference.run([x, ts], used, self.engine.graph_module)[0], rtol=1e-4, atol=1e-4)
                 self.pending = (t, x.clone(), mask is None, out)
             if exact and mask is None:
                 torch.testing.assert_close(out, self.model(x, ts), rtol=1e-4, atol=1e-4)

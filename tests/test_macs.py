@@ -60,7 +60,7 @@ _MAC_NAME_PARTS = ("conv", "mm", "linear", "matmul", "attention", "einsum", "add
 # Any other non-aten op (say a future fused sparse conv) is reported, since the counter would
 # see it as zero.
 _DATA_MOVEMENT_OPS = {f"sigec.{name}" for name in
-                      ("gather", "scatter", "scatter_gather", "scatter_", "scatter_gather_", "residual_add", "affine_act",
+                      ("gather", "gather_cat", "scatter", "scatter_gather", "scatter_", "scatter_gather_", "residual_add", "affine_act",
                        "tile_blocks", "norm_affine")}
 
 

@@ -21,7 +21,7 @@ def _check(name, engine, model_fn, args, edited_args, mask, out_of=lambda o: o, 
     recorded = out_of(engine(*args))
     reference.record(flat)
     out = out_of(engine(*edited_args, mask=mask))
-    ref_out = reference.run(list(edited_args), mask)[0]
+    ref_out = reference.run(list(edited_args), mask, engine.graph_module)[0]  # the plan the edit ran
     with torch.no_grad():
         dense = out_of(model_fn(*edited_args))
     torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-4)

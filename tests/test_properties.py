@@ -43,7 +43,7 @@ def test_exact_equals_dense_and_reference(data, net, block):
         return
     with torch.no_grad():
         _close(out, model(x_edit))
-        _close(out, reference.run([x_edit], engine.last_stats["input_mask"])[0])
+        _close(out, reference.run([x_edit], engine.last_stats["input_mask"], engine.graph_module)[0])
 
 
 @SETTINGS
@@ -62,7 +62,7 @@ def test_sige_equals_reference_with_explicit_mask(data, net, block, dilation):
     if not mask.any():
         assert torch.equal(out, recorded)
         return
-    _close(out, reference.run([x_edit], mask)[0])
+    _close(out, reference.run([x_edit], mask, engine.graph_module)[0])
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))

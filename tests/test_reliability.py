@@ -108,7 +108,7 @@ def test_fault_at_every_runtime_op_leaves_the_engine_correct():
             engine(x2)
         plan.incremental = healthy
         x3 = _edit(x, 0.5 + k)
-        torch.testing.assert_close(engine(x3), reference.run([x3], engine.last_stats["input_mask"])[0],
+        torch.testing.assert_close(engine(x3), reference.run([x3], engine.last_stats["input_mask"], engine.graph_module)[0],
                                    rtol=1e-4, atol=1e-4)
     engine.commit()  # the last good edit is still pending and commits cleanly
 
@@ -243,7 +243,7 @@ def test_half_precision_models_compute_in_their_dtype(dtype):
     x2 = _edit(x)
     out = engine(x2)
     assert out.dtype == dtype
-    torch.testing.assert_close(out, reference.run([x2], engine.last_stats["input_mask"])[0], rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out, reference.run([x2], engine.last_stats["input_mask"], engine.graph_module)[0], rtol=2e-2, atol=2e-2)
 
 
 def test_named_slot_that_was_never_recorded():

@@ -11,7 +11,8 @@ position. Each value of the analysed graph is represented in one of three forms:
 Conversions are memoized, so a value is scattered at most once and gathered at most once per
 (mask, grid): ``full_of`` scatters blocks into the recorded tensor, ``blocks_of`` gathers.
 
-Scatters write **in place** into the cached tensor (``sigec.scatter_``), which serves as the
+A gather that reads a skip connection's ``cat`` reads its parts instead (``gather_cat``), so
+the concatenation is never scattered nor cached. Scatters write **in place** into the cached tensor (``sigec.scatter_``), which serves as the
 persistent working buffer of its site: the cost is proportional to the active area. The graph
 therefore mutates those cache inputs; ``IncrementalSignature.inplace`` lists them with the blocks
 written, so the engine can save the overwritten blocks before a run and restore them before the
@@ -174,14 +175,43 @@ class _Emitter:
                 self._full[node] = self._permute(full, NHWC, node) if nhwc else full
         return self._full[node]
 
-    def gather(self, full: Node, mask, block, spec=None, prologue=(None, None, "none", 0.0), origin=None) -> Node:
+    def gather(self, full: "Node | list[Node]", mask, block, spec=None, prologue=(None, None, "none", 0.0),
+               origin=None) -> Node:
+        """Windows of a full tensor at the blocks of (mask, block); a list of full tensors is read
+        as their channel concatenation (``gather_cat``), which is never materialized."""
         block = tuple(block)
         window, stride, offset = (spec.window, spec.stride, spec.offset) if spec else (block, block, (0, 0))
         pad_mode, pad_value = (spec.pad_mode, spec.pad_value) if spec else ("constant", 0.0)
         scale, shift, act, slope = prologue
-        return self.call(sigec_ops.gather.default,
+        target = sigec_ops.gather_cat.default if isinstance(full, list) else sigec_ops.gather.default
+        return self.call(target,
                          (full, self.indices(mask, block), list(window), list(stride), list(offset),
                           pad_mode, float(pad_value), scale, shift, act, float(slope)), origin=origin)
+
+    def cat_parts(self, node: Node) -> Optional[list[Node]]:
+        """The full values of the parts of a channel ``cat`` that a gather can read in place of
+        the ``cat``'s own full value, so the concatenation is never scattered.
+
+        Only when that changes nothing: the ``cat`` is in blocks and not yet materialized, and
+        each part is either independent of the edit or in blocks of the same mask and grid (so
+        it differs from its recording exactly where the ``cat`` does).
+        """
+        if node.op != "call_function" or node.target != aten.cat.default or node in self._full:
+            return None
+        rep = self.reps[node]
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        if rep.form != "blocks" or dim not in (1, -3) or node.meta[K.SPATIAL].layout == NHWC:
+            return None
+        size = tuple(node.meta["val"].shape[-2:])
+        for part in node.args[0]:
+            part_rep = self.reps.get(part)
+            same_blocks = part_rep is not None and part_rep.form == "blocks" and \
+                (part_rep.mask, part_rep.block) == (rep.mask, rep.block)
+            untouched = part_rep is not None and part_rep.form == "plain" and \
+                tuple(part.meta["val"].shape[-2:]) == size
+            if not (same_blocks or untouched):
+                return None
+        return [self.full_of(part) for part in node.args[0]]
 
     def blocks_of(self, node: Node, mask, block) -> Node:
         rep = self.reps[node]
@@ -274,12 +304,13 @@ class _Emitter:
     def _emit_local(self, node: Node, rule, mask, block) -> Node:
         spec = node.meta[K.WINDOW]
         pro = node.meta.get(K.PROLOGUE)
+        source = pro.source if pro is not None else node.args[0]
+        full = self.cat_parts(source) or self.full_of(source)
         if pro is not None:
             scale, shift = self.norm_params(pro.norm) if pro.norm is not None else (None, None)
-            windows = self.gather(self.full_of(pro.source), mask, block, spec,
-                                  (scale, shift, pro.activation, pro.slope), origin=node)
+            windows = self.gather(full, mask, block, spec, (scale, shift, pro.activation, pro.slope), origin=node)
         else:
-            windows = self.gather(self.full_of(node.args[0]), mask, block, spec, origin=node)
+            windows = self.gather(full, mask, block, spec, origin=node)
         target, args, kwargs = rule.local.block_call(node, windows, spec)
         out = windows
         if target is not None:

@@ -28,7 +28,7 @@ def _full(batch, dtype, layout, shape=(5, 13, 11)):
 
 def _assert_same(got, expected, dtype):
     tol = DTYPES[dtype]
-    torch.testing.assert_close(got, expected, rtol=tol, atol=tol if tol else 1e-6)
+    torch.testing.assert_close(got, expected, rtol=tol, atol=tol if tol else 1e-6, equal_nan=True)
 
 
 # indices include blocks past the bottom/right edge and windows reaching outside on every side
@@ -46,9 +46,18 @@ def test_gather_matches_reference(mode, dtype, layout, batch):
 @pytest.mark.parametrize("activation,dtype,layout", itertools.product(ACTIVATIONS, DTYPES, LAYOUTS))
 def test_gather_with_affine_and_activation_matches_reference(activation, dtype, layout):
     x = _full(2, dtype, layout)
+    x[0, 1, 2, 3] = float("nan")  # activations keep NaN, as torch's do
     scale, shift = torch.rand(2, 5) + 0.5, torch.randn(2, 5)
     args = (INDICES, [6, 6], [4, 4], [-1, -1], "constant", 0.0, scale, shift, activation, 0.2)
     _assert_same(sigec.gather(x, *args), REFERENCE_KERNELS["gather"](x, *args), dtype)
+
+
+@pytest.mark.parametrize("activation,dtype", itertools.product(["none", "silu"], DTYPES))
+def test_gather_cat_matches_reference(activation, dtype):
+    xs = [_full(2, dtype, torch.contiguous_format, (3, 13, 11)), _full(2, dtype, torch.channels_last)]
+    scale, shift = torch.rand(2, 8) + 0.5, torch.randn(2, 8)
+    args = (INDICES, [6, 6], [4, 4], [-1, -1], "replicate", 0.0, scale, shift, activation, 0.0)
+    _assert_same(sigec.gather_cat(xs, *args), REFERENCE_KERNELS["gather_cat"](xs, *args), dtype)
 
 
 @pytest.mark.parametrize("dtype,layout,batch", itertools.product(DTYPES, LAYOUTS, [1, 2]))

@@ -90,6 +90,15 @@ def test_inplace_scatter_refuses_other_layouts():
         sigec.scatter_(base, torch.randn(1, 3, 4, 4), torch.tensor([[0, 0]]), [4, 4])
 
 
+@pytest.mark.parametrize("mode", ["constant", "reflect"])
+def test_gather_cat_reads_the_concatenation_without_building_it(mode):
+    xs = [torch.randn(2, 3, 9, 9), torch.randn(2, 5, 9, 9).to(memory_format=torch.channels_last)]
+    idx = torch.tensor([[0, 0], [2, 1]])
+    scale, shift = torch.rand(2, 8), torch.randn(2, 8)
+    args = (idx, [6, 6], [4, 4], [-1, -1], mode, 0.0, scale, shift, "silu", 0.0)
+    torch.testing.assert_close(sigec.gather_cat(xs, *args), sigec.gather(torch.cat(xs, 1), *args))
+
+
 def test_norm_affine_reproduces_group_norm():
     x = torch.randn(2, 8, 6, 6)
     w, b = torch.randn(8), torch.randn(8)
@@ -117,6 +126,8 @@ def _opcheck_samples():
         (sigec.scatter.default, (blocks, x, idx, [4, 4])),
         (sigec.scatter.default, (blocks, xcl, idx, [4, 4])),
         (sigec.scatter_gather.default, (blocks, xcl, idx, [4, 4], idx, [5, 5], [4, 4], [0, 0], "replicate", 0.0)),
+        (sigec.gather_cat.default, ([x, xcl[:, :2]], idx, [6, 6], [4, 4], [-1, -1], "constant", 0.0,
+                                    torch.rand(2, 6), torch.randn(2, 6), "silu", 0.0)),
         (sigec.scatter_.default, (x.clone(), blocks, idx, [4, 4])),
         (sigec.scatter_.default, (xcl.clone(), blocks, idx, [4, 4])),
         (sigec.scatter_gather_.default, (xcl.clone(), blocks, idx, [4, 4], idx, [5, 5], [4, 4], [0, 0], "reflect", 0.0)),
