@@ -9,8 +9,16 @@
 * ``SpadeGenerator`` - a GauGAN-style generator (SPADE residual blocks, nearest up-sampling),
   written from the paper's description; ``spade_generator()`` is a small one and
   ``gaugan_cityscapes()`` the paper's Cityscapes configuration (256x512, about 281 GMACs).
+* ``load(name)`` - a *trained* model that ships with sigec (``sigec/weights/``): ``"digits-ddpm"``
+  is a small DDPM UNet trained on scikit-learn's digits (``examples/train_tiny_ddpm.py``).
 """
 from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -207,3 +215,115 @@ def instance_edges(labels: torch.Tensor) -> torch.Tensor:
     edge[1:, :] |= labels[1:, :] != labels[:-1, :]
     edge[:-1, :] |= labels[1:, :] != labels[:-1, :]
     return edge.float()
+
+
+# ---------------------------------------------------------------------------------------------
+# trained models that ship with sigec (``sigec/weights/``)
+
+#: where the shipped models live: ``<name>.json`` (the manifest) next to ``<name>.safetensors``
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+MANIFEST_FORMAT = 1
+_LOADABLE_CLASSES = ("UNet2DModel",)   # diffusers classes a manifest may name
+
+
+class WeightsError(ValueError):
+    """A shipped or user-supplied weights file is missing, corrupted, or does not fit its manifest."""
+
+
+class LoadedModel(NamedTuple):
+    """What ``load`` returns: the diffusers model in eval mode, and its training scheduler's
+    configuration (``DDPMScheduler.from_config(...)`` or ``DDIMScheduler.from_config(...)``)."""
+
+    model: nn.Module
+    scheduler_config: dict
+
+
+def available_models(directory: "str | Path | None" = None) -> list[str]:
+    """Names ``load`` accepts: the manifests (``<name>.json``) in ``directory`` (default: shipped)."""
+    folder = Path(directory) if directory is not None else WEIGHTS_DIR
+    return sorted(p.stem for p in folder.glob("*.json")) if folder.is_dir() else []
+
+
+def read_manifest(name: str = "digits-ddpm", directory: "str | Path | None" = None) -> dict:
+    """The manifest of a shipped model: its UNet and scheduler configurations, the checksum and
+    size of its weights file, and what training recorded (final loss, settings, scores)."""
+    folder = Path(directory) if directory is not None else WEIGHTS_DIR
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise WeightsError(f"model name {name!r} is not a plain name (letters, digits, '.', '_', '-'); "
+                           "to load from another folder pass directory=")
+    path = folder / f"{name}.json"
+    if not path.is_file():
+        known = available_models(folder)
+        raise WeightsError(f"no model {name!r} in {folder} (no {path.name}); available: {known or 'none'}")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WeightsError(f"manifest {path} is not valid JSON ({exc}); reinstall sigec or re-create it "
+                           "with examples/train_tiny_ddpm.py") from exc
+    if not isinstance(manifest, dict):
+        raise WeightsError(f"manifest {path} is not a JSON object; re-create it with examples/train_tiny_ddpm.py")
+    missing = [k for k in ("format", "weights", "sha256", "size_bytes", "unet_class", "unet_config",
+                           "scheduler_config") if k not in manifest]
+    if missing:
+        raise WeightsError(f"manifest {path} lacks {missing}; re-create it with examples/train_tiny_ddpm.py")
+    if Path(str(manifest["weights"])).name != manifest["weights"]:
+        raise WeightsError(f"manifest {path} names weights {manifest['weights']!r}, which is not a plain file "
+                           f"name in {folder}")
+    if manifest["format"] != MANIFEST_FORMAT:
+        raise WeightsError(f"manifest {path} has format {manifest['format']!r}; this sigec reads format "
+                           f"{MANIFEST_FORMAT}")
+    return manifest
+
+
+def verified_weights(path: Path, sha256: str, size_bytes: int) -> bytes:
+    """The bytes of ``path`` after checking its size and SHA-256 against the manifest's record.
+
+    The checked bytes are the ones parsed (no second read of the file).
+    """
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} is missing; reinstall sigec")
+    data = path.read_bytes()
+    if len(data) != size_bytes:
+        raise WeightsError(f"weights file {path} is {len(data):,} bytes but its manifest records {size_bytes:,} "
+                           f"({'truncated' if len(data) < size_bytes else 'extra bytes'}); reinstall sigec")
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != sha256:
+        raise WeightsError(f"weights file {path} has SHA-256 {digest[:16]}... but its manifest records "
+                           f"{sha256[:16]}...: the file was modified or corrupted; reinstall sigec")
+    return data
+
+
+def load(name: str = "digits-ddpm", directory: "str | Path | None" = None) -> LoadedModel:
+    """A trained model that ships with sigec, e.g. ``unet, scheduler_config = load("digits-ddpm")``.
+
+    ``digits-ddpm`` is a diffusers ``UNet2DModel`` (DDPM, epsilon prediction, 1x16x16 images in
+    [-1, 1], ink bright) trained on scikit-learn's digits by ``examples/train_tiny_ddpm.py``.
+
+    ``directory`` reads ``<name>.json`` and its weights from another folder (for example the
+    training script's output). Nothing is downloaded and nothing is unpickled: the weights are
+    safetensors, parsed only after their size and SHA-256 match the manifest; a modified or
+    truncated file raises ``WeightsError``.
+    """
+    import diffusers
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_safetensors
+
+    folder = Path(directory) if directory is not None else WEIGHTS_DIR
+    manifest = read_manifest(name, folder)
+    if manifest["unet_class"] not in _LOADABLE_CLASSES:
+        raise WeightsError(f"manifest of {name!r} names model class {manifest['unet_class']!r}; this sigec "
+                           f"builds {_LOADABLE_CLASSES}")
+    data = verified_weights(folder / manifest["weights"], manifest["sha256"], manifest["size_bytes"])
+    try:
+        state = load_safetensors(data)
+    except (SafetensorError, ValueError, RuntimeError) as exc:  # checksum matched a file that never parsed
+        raise WeightsError(f"weights file {folder / manifest['weights']} is not a valid safetensors file "
+                           f"({exc})") from exc
+    model_class = getattr(diffusers, manifest["unet_class"])
+    try:
+        with torch.random.fork_rng(devices=[]):  # building initialises random weights: keep the caller's RNG
+            model = model_class(**manifest["unet_config"])
+        model.load_state_dict(state, strict=True)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise WeightsError(f"weights of {name!r} do not fit its UNet configuration: {exc}") from exc
+    return LoadedModel(model.eval(), dict(manifest["scheduler_config"]))

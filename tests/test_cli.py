@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 
@@ -64,6 +65,7 @@ def test_ellipse_mask_covers_requested_fraction(fraction):
 
 
 def test_demo_end_to_end(tmp_path, capsys):
+    """The default demo: SDEdit of a sampled "1" with the shipped digits model."""
     out = tmp_path / "demo.png"
     results = demo.run_demo(out, repeats=1, threads=1)
     assert out.is_file()
@@ -73,18 +75,46 @@ def test_demo_end_to_end(tmp_path, capsys):
         # five 256-px panels side by side, plus padding and a label strip
         assert 5 * 256 <= img.width < 5 * 256 + 100
         assert 256 <= img.height < 256 + 60
-    assert results["psnr_db"] > 20
-    assert 0 < results["incremental_macs"] < results["dense_macs"]
-    assert results["mac_reduction"] > 1
-    assert abs(results["edited_fraction"] - 0.05) < 0.01
+    assert results["model"] == "digits-ddpm" and results["label"] == 1   # the default seed samples a 1
+    images = results["images"]
+    mask = images["mask"]
+    assert abs(results["edited_fraction"] - float(mask.float().mean())) < 1e-9
+    assert 0.1 < results["edited_fraction"] < 0.2
+    # the edit paints ink only inside its mask, and SDEdit changed the picture there
+    assert torch.equal(images["edited"][0, 0][~mask], images["original"][0, 0][~mask])
+    assert not torch.equal(images["dense"], images["unedited"])
+    # the incremental result is the dense one, approximately, and much closer than doing nothing
+    assert results["psnr_db"] > 20 and results["psnr_db"] > results["psnr_unedited_db"] + 3
+    assert results["steps"] == 25 and 0 < results["incremental_macs"] < results["dense_macs"]
     for key in ("dense_ms", "incremental_ms", "speedup"):
         assert results[key] > 0
     printed = capsys.readouterr().out
-    assert "PSNR" in printed and str(out) in printed
+    assert "PSNR" in printed and str(out) in printed and "digits-ddpm" in printed
 
 
 def test_cli_demo_writes_png(tmp_path, capsys):
     out = tmp_path / "sub" / "cli.png"
     assert main(["demo", "--out", str(out), "--repeats", "1", "--threads", "1", "--edit-fraction", "0.1"]) == 0
     assert out.is_file()
-    assert "MAC reduction" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "MAC reduction" in printed and "elliptical stroke" in printed
+    assert re.search(r"edited area\s+10\.\d%", printed)
+
+
+def test_cli_random_unet_demo(tmp_path, capsys):
+    """The earlier synthetic demo stays reachable: one step of a random 64x64 UNet."""
+    out = tmp_path / "random.png"
+    assert main(["demo", "--model", "random-unet", "--out", str(out), "--repeats", "1", "--threads", "1",
+                 "--edit-fraction", "0.1"]) == 0
+    with Image.open(out) as img:
+        assert 5 * 256 <= img.width < 5 * 256 + 100
+    printed = capsys.readouterr().out
+    assert "random-unet" in printed and "edited area" in printed
+
+
+def test_demo_rejects_unknown_model():
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--model", "nope"])
+    assert exc.value.code == 2
+    with pytest.raises(ValueError, match="model must be one of"):
+        demo.run_demo("unused.png", model="nope")
