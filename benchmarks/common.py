@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 import torch
 from tqdm import tqdm
 
-from sigec import edits
+from sigec import cuda_graphs, edits
 from sigec.measure import psnr, summary, time_ms  # noqa: F401  (psnr is re-exported)
 
 
@@ -24,6 +24,9 @@ def ellipse_mask(h: int, w: int, fraction: float) -> torch.Tensor:
     Off-centre because a centred edit is the friendliest case for block grids.
     """
     return edits.ellipse_mask(h, w, fraction, centre=(0.6, 0.4), aspect=1.5)
+
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def time_call(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> tuple[float, float, float]:
@@ -86,7 +89,35 @@ def benchmark_arguments(description: str, default_json: str) -> argparse.Argumen
     p.add_argument("--no-timing", action="store_true", help="skip the wall-clock measurements")
     p.add_argument("--quick", action="store_true", help="a small configuration, one edit, one repeat (for tests)")
     p.add_argument("--json", default=default_json, help="where to write the results")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="where the model runs (cuda: timings synchronize the GPU)")
+    p.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="the model's and inputs' dtype")
+    p.add_argument("--runner", default="eager", choices=list(cuda_graphs.RUNNERS),
+                   help="how the incremental graph runs (sigec.cuda_graphs.set_runner); the dense model stays eager")
     return p
+
+
+def check_device(args: argparse.Namespace) -> None:
+    """A clear error for a device or runner this machine cannot run."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device cuda: torch sees no CUDA device (torch {torch.__version__}, "
+                         f"{'a CUDA build' if torch.version.cuda else 'a CPU-only build'}); run on a machine with "
+                         "an NVIDIA GPU and a CUDA build of torch, or use --device cpu")
+    if args.runner.endswith("cuda-graphs") and args.device != "cuda":
+        raise SystemExit(f"--runner {args.runner} replays CUDA graphs: add --device cuda")
+
+
+def _to_device(values: tuple, device: str, dtype: torch.dtype) -> tuple:
+    """Floating tensors to ``dtype`` and every tensor to ``device`` (edits are made on the CPU)."""
+    return tuple(v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+                 if isinstance(v, torch.Tensor) else v for v in values)
+
+
+def _synchronized(fn: Callable[[], Any], device: str) -> Callable[[], Any]:
+    """``fn`` followed by a device synchronization, so wall-clock time covers the queued work."""
+    if device != "cuda":
+        return fn
+    return lambda: (fn(), torch.cuda.synchronize())[0]
 
 
 def parse_fractions(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[float]:
@@ -121,13 +152,18 @@ def active_blocks_total(engine, mask: torch.Tensor) -> int:
     return int(sum(blocks[key].shape[0] for key in engine.signature.blocks))
 
 
-def measure_edit(engine, case: EditCase, fraction: float, timing: bool, repeats: int) -> dict:
-    """MACs, cache memory, quality and (optionally) timings of one elliptical edit."""
+def measure_edit(engine, case: EditCase, fraction: float, timing: bool, repeats: int,
+                 device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
+    """MACs, cache memory, quality and (optionally) timings of one elliptical edit.
+
+    ``case.inputs`` are CPU fp32 (the edit is made there); the model runs on ``device`` in ``dtype``.
+    """
     h, w = engine.context.input_resolution
     if fraction > 0:
         edited, mask = case.edit(case.inputs, ellipse_mask(h, w, fraction))
     else:
         edited, mask = case.inputs, torch.zeros(h, w, dtype=torch.bool)
+    edited = _to_device(edited, device, dtype)
     report = engine.report(mask=mask)
     with torch.no_grad():
         y_incr = case.output(engine(*edited))
@@ -144,7 +180,8 @@ def measure_edit(engine, case: EditCase, fraction: float, timing: bool, repeats:
     }
     row["mac_ratio"] = row["dense_macs"] / row["incremental_macs"] if row["incremental_macs"] else None
     if timing:
-        dense_t, incr_t = time_interleaved(lambda: case.model(*edited), lambda: engine(*edited), repeats)
+        dense_t, incr_t = time_interleaved(_synchronized(lambda: case.model(*edited), device),
+                                           _synchronized(lambda: engine(*edited), device), repeats)
         row.update(dense_s=list(dense_t), incremental_s=list(incr_t), speedup=dense_t[0] / incr_t[0],
                    dense_fraction_of_time=incr_t[0] / dense_t[0])
     return row
@@ -173,22 +210,31 @@ def run_edit_benchmark(case: EditCase, args: argparse.Namespace, fractions: list
     """Compile, record, then measure every edit size (and the all-false mask); print and save."""
     import sigec
 
+    device, dtype = getattr(args, "device", "cpu"), DTYPES[getattr(args, "dtype", "fp32")]
+    runner = getattr(args, "runner", "eager")
+    check_device(args)
     torch.set_num_threads(args.threads)
+    case.model.to(device=device, dtype=dtype)
+    inputs = _to_device(case.inputs, device, dtype)
     start = time.perf_counter()
-    engine = sigec.compile(case.model, case.inputs, policy=args.policy)
+    engine = sigec.compile(case.model, inputs, policy=args.policy)
     compile_s = time.perf_counter() - start
     h, w = engine.context.input_resolution
-    print(f"{case.name} ({h}x{w}), policy {args.policy}, {args.threads} thread(s): compile {compile_s:.2f} s",
-          flush=True)
+    where = f"{device} {args.dtype}" + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else "")
+    print(f"{case.name} ({h}x{w}), policy {args.policy}, {where}, runner {runner}, {args.threads} thread(s): "
+          f"compile {compile_s:.2f} s", flush=True)
     start = time.perf_counter()
     with torch.no_grad():
-        engine(*case.inputs)  # the recording run every edit below is compared against
+        engine(*inputs)  # the recording run every edit below is compared against
     record_s = time.perf_counter() - start
     print(f"record run {record_s:.2f} s", flush=True)
-    rows = [measure_edit(engine, case, f, not args.no_timing, args.repeats)
+    cuda_graphs.set_runner(engine, runner)
+    rows = [measure_edit(engine, case, f, not args.no_timing, args.repeats, device, dtype)
             for f in tqdm([*fractions, 0.0], desc="edit sizes", unit="mask")]
     print(format_table(rows))
     result = {"model": case.name, "resolution": [h, w], "policy": args.policy, "threads": args.threads,
+              "device": device, "device_name": torch.cuda.get_device_name() if device == "cuda" else None,
+              "dtype": args.dtype, "runner": runner,
               "repeats": None if args.no_timing else args.repeats, "torch": torch.__version__,
               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "compile_s": compile_s,
               "record_s": record_s, "rows": rows}
