@@ -35,7 +35,7 @@ NORM_STATS = ("exact", "preview")
 
 #: compile options of the edit-incremental engine and their defaults: they mean nothing here
 _INCREMENTAL_ONLY = dict(policy="sige", eps=1e-6, dilation=1, threshold=0.0, block_size=None,
-                         expected_active_fraction=0.15, on_stale="rerecord")
+                         expected_active_fraction=CompileSettings.expected_active_fraction, on_stale="rerecord")
 
 __all__ = ["compile_tiled", "TiledModule", "TilingError", "TileReport"]
 
