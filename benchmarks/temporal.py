@@ -3,9 +3,10 @@ and the DeepCache package.
 
 For each UNet it runs the same DDIM loop (same initial latent, same scheduler) densely, through
 sigec engines with the DeepCache cut (N = 3 and 5, branch 0) and FasterDiffusion's cut and key
-steps, and with ``DeepCache.DeepCacheSDHelper`` patching the model. It prints one table: loop
-time (median [min, max] over ``--repeats`` interleaved runs), MACs per loop counted from the
-graphs, the MAC ratio and speed-up over the dense loop, their quotient (how much of the MAC cut
+steps, and with ``DeepCache.DeepCacheSDHelper`` patching the model. The loops advance in
+lockstep, one step of each in turn, so that the changing load of a shared machine falls on all of
+them alike. It prints one table: loop time (the sum of the loop's step times, median [min, max]
+over ``--repeats`` rounds), MACs per loop counted from the graphs, the MAC ratio and speed-up over the dense loop, their quotient (how much of the MAC cut
 the wall clock keeps), and the final latent's PSNR against the dense loop. The MACs of every
 graph are cross-checked with ``torch.utils.flop_counter.FlopCounterMode``.
 
@@ -103,16 +104,72 @@ def ddim_loop(step: Callable, scheduler, latent: torch.Tensor, steps: int) -> to
     return x
 
 
-def _package_loop(case: Case, scheduler, interval: int, steps: int) -> torch.Tensor:
-    from DeepCache import DeepCacheSDHelper
+class Variant:
+    """One way of running the loop's model call; ``begin``/``pause``/``resume``/``end`` bracket a
+    trajectory and every step, so that variants sharing the model can take turns step by step."""
 
-    helper = DeepCacheSDHelper(pipe=types.SimpleNamespace(unet=case.model, scheduler=scheduler))
-    helper.set_params(cache_interval=interval, cache_branch_id=0)
-    helper.enable()
-    try:
-        return ddim_loop(lambda x, t: case.call(case.model, x, t), scheduler, case.latent, steps)
-    finally:
-        helper.disable()
+    def __init__(self, step: Callable):
+        self.step = step
+
+    def begin(self) -> None: ...
+
+    def resume(self) -> None: ...
+
+    def pause(self) -> None: ...
+
+    def end(self) -> None: ...
+
+
+class PackageVariant(Variant):
+    """``DeepCache.DeepCacheSDHelper`` patching the model: its modules are wrapped only during this
+    variant's own steps (its caches and step counter persist in between)."""
+
+    def __init__(self, case: Case, scheduler, interval: int):
+        from DeepCache import DeepCacheSDHelper
+
+        super().__init__(lambda x, t: case.call(case.model, x, t))
+        self.helper = DeepCacheSDHelper(pipe=types.SimpleNamespace(unet=case.model, scheduler=scheduler))
+        self.helper.set_params(cache_interval=interval, cache_branch_id=0)
+        self.first = True
+
+    def begin(self) -> None:
+        self.helper.enable()  # resets its states and wraps the modules
+        self.first = True
+
+    def resume(self) -> None:
+        if not self.first:
+            self.helper.wrap_modules()
+        self.first = False
+
+    def pause(self) -> None:
+        self.helper.unwrap_modules()
+
+    def end(self) -> None:
+        self.helper.disable()
+
+
+def lockstep(variants: dict[str, Variant], scheduler, latent: torch.Tensor, steps: int) -> tuple[dict, dict]:
+    """Run every variant's DDIM loop, advancing all of them one step at a time (in a rotating order),
+    so that a shared machine's changing load falls on all of them alike. Returns each variant's
+    final latent and summed step time (model call plus scheduler step)."""
+    scheduler.set_timesteps(steps)
+    latents = {name: latent.clone() for name in variants}
+    seconds = dict.fromkeys(variants, 0.0)
+    names = list(variants)
+    for v in variants.values():
+        v.begin()
+    with torch.no_grad():
+        for i, t in enumerate(tqdm(scheduler.timesteps, desc="steps", leave=False)):
+            for name in names[i % len(names):] + names[:i % len(names)]:
+                v, x = variants[name], latents[name]
+                v.resume()
+                start = time.perf_counter()
+                latents[name] = scheduler.step(v.step(x, t), t, x).prev_sample
+                seconds[name] += time.perf_counter() - start
+                v.pause()
+    for v in variants.values():
+        v.end()
+    return latents, seconds
 
 
 def _has_package() -> bool:
@@ -149,31 +206,26 @@ def measure_model(case: Case, steps: int, repeats: int, timing: bool, batched: b
             continue
         cut = list(engine.full(*flat))[engine.specialization.num_outputs:]
         check[name + " partial"] = (engine.macs()["partial"], counted_macs(lambda: engine.partial(*flat, *cut)))
-    variants: dict[str, Callable[[], torch.Tensor]] = {
-        "dense": lambda: ddim_loop(lambda x, t: case.call(case.model, x, t), scheduler, case.latent, steps)}
+    variants: dict[str, Variant] = {"dense": Variant(lambda x, t: case.call(case.model, x, t))}
     for name, engine in engines.items():
-        variants[name] = (lambda e: lambda: ddim_loop(lambda x, t: case.call(e, x, t), scheduler, case.latent,
-                                                      steps))(engine)
+        variants[name] = Variant((lambda e: lambda x, t: case.call(e, x, t))(engine))
     intervals = [n for n in (3, 5) if f"sigec DeepCache N={n}" in engines]
     if _has_package():
         for n in intervals:
-            variants[f"DeepCache package N={n}"] = (lambda k: lambda: _package_loop(case, scheduler, k, steps))(n)
+            variants[f"DeepCache package N={n}"] = PackageVariant(case, scheduler, n)
     macs = {"dense": steps * dense_step}
     macs.update({name: e.loop_macs(steps) for name, e in engines.items()})
     macs.update({f"DeepCache package N={n}": engines[f"sigec DeepCache N={n}"].loop_macs(steps) for n in intervals})
-    finals: dict[str, torch.Tensor] = {}
     times: dict[str, list[float]] = {name: [] for name in variants}
-    rounds = repeats if timing else 1
     with torch.no_grad():
         # warm-up: one step of every graph (kernel selection, allocator), not whole loops
         case.call(case.model, case.latent, torch.tensor(999))
         for engine in engines.values():
             engine.partial(*flat, *list(engine.full(*flat))[engine.specialization.num_outputs:])
-        for _ in tqdm(range(rounds), desc=f"{case.name}: loops", unit="round"):
-            for name, run in variants.items():  # interleaved: every round times each variant once
-                start = time.perf_counter()
-                finals[name] = run()
-                times[name].append(time.perf_counter() - start)
+    for _ in tqdm(range(repeats if timing else 1), desc=f"{case.name}: loops", unit="round"):
+        finals, seconds = lockstep(variants, scheduler, case.latent, steps)
+        for name, sec in seconds.items():
+            times[name].append(sec)
     dense_t = statistics.median(times["dense"])
     rows = []
     for name in variants:
@@ -267,7 +319,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--models", default="sd1,church256", help="comma-separated: sd1, church256 (sd-tiny, church-small)")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps per loop")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    p.add_argument("--repeats", type=int, default=2, help="timed loops per variant (interleaved)")
+    p.add_argument("--repeats", type=int, default=2, help="timed rounds (each runs every variant's loop, in lockstep)")
     p.add_argument("--no-timing", action="store_true", help="skip the wall-clock measurements")
     p.add_argument("--batched", action="store_true", help="also FasterDiffusion with batch_partial_steps=True")
     p.add_argument("--fidelity-steps", default=None,

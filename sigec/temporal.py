@@ -54,6 +54,7 @@ import logging
 import math
 import re
 import threading
+import weakref
 from typing import Any, Hashable, Optional, Sequence, Union
 
 import torch
@@ -583,7 +584,8 @@ class TemporalEngine(torch.nn.Module):
         self._watched = [(name, t) for name, t in
                          list(graph_module.named_parameters()) + list(graph_module.named_buffers())]
         self._identity = [(name, id(t), t.dtype, t.device) for name, t in self._watched]
-        self._source = source
+        # a weak reference: the engine must not own the user's model (nor become its parent module)
+        self._source = weakref.ref(source) if source is not None else (lambda: None)
         self._device = self._watched[0][1].device if self._watched else None
         self._lock = threading.RLock()
         self._explicit: Optional[tuple[int, Optional[int]]] = None
@@ -745,8 +747,9 @@ class TemporalEngine(torch.nn.Module):
             if t.dtype != dtype or t.device != device:
                 raise EngineError(f"the model was moved after compile ({name!r} is now {t.dtype} on {t.device}): "
                                   "call sigec.compile again")
-        if self._source is not None:
-            current = dict(self._source.named_parameters())
+        source = self._source()
+        if source is not None:
+            current = dict(source.named_parameters())
             for name, ident, _, _ in self._identity:
                 if name in current and id(current[name]) != ident:
                     raise EngineError(f"parameter {name!r} was replaced by a new tensor after compile; the compiled "

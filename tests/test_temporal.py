@@ -390,6 +390,16 @@ def test_stale_cut_values_raise_when_asked(unet, latent, text):
             engine(latent, scheduler.timesteps[1], encoder_hidden_states=text)
 
 
+def test_a_replaced_parameter_is_refused(unet, latent, text):
+    model = copy.deepcopy(unet)
+    engine = sigec.compile(model, (latent, torch.tensor(1)), {"encoder_hidden_states": text},
+                           temporal=DeepCache(3, 0), scheduler=DDIMScheduler())
+    assert all(m is not model for m in engine.modules())  # the engine does not own the user's model
+    model.conv_out.weight = nn.Parameter(model.conv_out.weight.detach().clone())
+    with pytest.raises(EngineError, match="replaced"):
+        engine.step(0)(latent, torch.tensor(1), encoder_hidden_states=text)
+
+
 def test_an_evicted_cut_runs_the_step_in_full_and_raise_refuses(unet, latent, text):
     one_slot = 8 * 8 * 8 * 4  # the cut value of one stream: 8 channels, 8x8, fp32
     scheduler = DDIMScheduler()
