@@ -17,6 +17,8 @@
 #include <c10/util/irange.h>
 #include <torch/library.h>
 
+#include "kernel_common.h"
+
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -26,57 +28,6 @@ namespace sigec {
 namespace {
 
 using at::Tensor;
-
-enum class Pad { kConstant, kReplicate, kReflect };
-enum class Act { kNone, kSilu, kRelu, kLeakyRelu, kGelu, kGeluTanh, kSigmoid, kTanh };
-
-Pad parse_pad(const std::string& mode) {
-  if (mode == "constant") return Pad::kConstant;
-  if (mode == "replicate") return Pad::kReplicate;
-  if (mode == "reflect") return Pad::kReflect;
-  TORCH_CHECK_VALUE(false, "sigec: unknown pad_mode '", mode, "' (expected constant, replicate or reflect)");
-}
-
-Act parse_act(const std::string& name) {
-  if (name == "none") return Act::kNone;
-  if (name == "silu") return Act::kSilu;
-  if (name == "relu") return Act::kRelu;
-  if (name == "leaky_relu") return Act::kLeakyRelu;
-  if (name == "gelu") return Act::kGelu;
-  if (name == "gelu_tanh") return Act::kGeluTanh;
-  if (name == "sigmoid") return Act::kSigmoid;
-  if (name == "tanh") return Act::kTanh;
-  TORCH_CHECK_VALUE(false, "sigec: unknown activation '", name, "'");
-}
-
-inline float activate(float v, Act act, float slope) {
-  switch (act) {
-    case Act::kNone: return v;
-    case Act::kSilu: return v / (1.0f + std::exp(-v));
-    case Act::kRelu: return v < 0.0f ? 0.0f : v;  // NaN stays NaN, as in torch.relu
-    case Act::kLeakyRelu: return v > 0.0f ? v : v * slope;
-    case Act::kGelu: return 0.5f * v * (1.0f + std::erf(v * 0.70710678118654752f));
-    case Act::kGeluTanh: {
-      const float inner = 0.79788456080286536f * (v + 0.044715f * v * v * v);
-      return 0.5f * v * (1.0f + std::tanh(inner));
-    }
-    case Act::kSigmoid: return 1.0f / (1.0f + std::exp(-v));
-    case Act::kTanh: return std::tanh(v);
-  }
-  return v;
-}
-
-// Source coordinate of `coord` in [0, limit) under the padding mode; -1 for a constant pad pixel.
-inline int64_t resolve(int64_t coord, int64_t limit, Pad mode) {
-  if (coord >= 0 && coord < limit) return coord;
-  if (mode == Pad::kConstant) return -1;
-  if (mode == Pad::kReplicate) return coord < 0 ? 0 : limit - 1;
-  if (limit == 1) return 0;
-  const int64_t period = 2 * (limit - 1);
-  int64_t c = coord % period;
-  if (c < 0) c += period;
-  return c >= limit ? period - c : c;
-}
 
 struct Window {
   int64_t wh, ww, sh, sw, oh, ow;

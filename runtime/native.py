@@ -41,6 +41,7 @@ from sigec.runtime import ops, token_ops
 log = logging.getLogger("sigec.native")
 
 _SOURCES = ("cpu_kernels.cpp",)
+_HEADER = "kernel_common.h"  # shared with the CUDA kernels
 _NAME = "sigec_cpu_kernels"
 
 _CUDA_SOURCE = "cuda_kernels.cu"
@@ -86,7 +87,11 @@ def _build_and_load(verbose: bool) -> None:
     start = time.perf_counter()
     # is_python_module=False: a plain library that registers its kernels with the dispatcher
     # when loaded (no pybind11 module, which keeps the build short)
-    cpp_extension.load(_NAME, sources, extra_cflags=flags, extra_ldflags=["-fopenmp"],
+    # torch's build cache hashes the sources but not the headers they include: name the library
+    # after a hash of every csrc file it reads, so a changed header rebuilds it
+    shared = Path(sources[0]).parent / _HEADER
+    digest = hashlib.sha256(b"".join(Path(f).read_bytes() for f in [*sources, str(shared)])).hexdigest()[:12]
+    cpp_extension.load(f"{_NAME}_{digest}", sources, extra_cflags=flags, extra_ldflags=["-fopenmp"],
                        is_python_module=False, verbose=verbose)
     log.info("native CPU kernels ready (%.1f s, including any build)", time.perf_counter() - start)
 
@@ -154,7 +159,9 @@ def _build_and_load_cuda(verbose: bool) -> None:
 
     start = time.perf_counter()
     # the architectures of the visible GPUs (TORCH_CUDA_ARCH_LIST overrides), as torch does
-    cpp_extension.load(_CUDA_NAME, [str(cuda_source())], extra_cflags=["-O3"], extra_cuda_cflags=["-O3"],
+    source = cuda_source()
+    digest = hashlib.sha256(source.read_bytes() + (source.parent / _HEADER).read_bytes()).hexdigest()[:12]
+    cpp_extension.load(f"{_CUDA_NAME}_{digest}", [str(source)], extra_cflags=["-O3"], extra_cuda_cflags=["-O3"],
                        is_python_module=False, verbose=verbose)
     log.info("CUDA kernels ready (%.1f s, including any build)", time.perf_counter() - start)
 
@@ -261,7 +268,8 @@ def check_cuda_compile(arch: str = "90", verbose: bool = False) -> Path:
              f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
              *_cuda_check_includes(build)]
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([source.read_text(), *flags, version, torch.__version__]).encode()).hexdigest()[:16]
+    texts = [source.read_text(), (source.parent / _HEADER).read_text()]
+    key = hashlib.sha256("\0".join([*texts, *flags, version, torch.__version__]).encode()).hexdigest()[:16]
     obj = build / f"cuda_kernels-sm{arch}-{key}.o"
     if obj.is_file():
         log.info("%s: unchanged since it compiled (%s)", source.name, obj)
