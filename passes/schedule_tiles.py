@@ -21,8 +21,13 @@ The algorithm, in order:
    planner dropped it. Phases are built last to first, so each phase knows what later ones read.
 4. **Holding versus recomputing.** Starting from holding everything later phases read, the
    planner drops, one at a time, the held value live at the estimated peak whose recomputation
-   costs least per byte saved. With a budget it stops at the first plan under it; without one
-   it keeps the plan with the smallest (estimated time x estimated peak).
+   costs least per byte saved (values whose recomputation is a copy of no larger inputs, such as
+   an up-sampling, are always dropped). With a budget it stops at the first plan under it;
+   without one it keeps the plan with the smallest (estimated time x estimated peak). Held values
+   are stored in row bands and freed band by band after their last reader, so a value read for
+   the last time shrinks while the next one is written.
+5. **Halos.** A tile smaller than the halo it needs is an error at the largest tiled resolution;
+   a lower resolution where that happens runs whole instead, and the plan says why.
 """
 from __future__ import annotations
 

@@ -25,6 +25,22 @@ from sigec.plan import NCHW
 log = logging.getLogger("sigec.tiling")
 
 
+def _release_freed_memory():
+    """glibc keeps the freed buffers of a tile in its heaps, so the resident set would stay at
+    the largest tile's peak plus fragmentation; ``malloc_trim`` hands them back to the OS
+    between tiles. A no-op where there is no glibc."""
+    try:
+        import ctypes
+
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+    return lambda: trim(0)
+
+
+release_freed_memory = _release_freed_memory()
+
+
 def crop(value, have, want, layout: str = NCHW):
     """The part ``want`` of a value that covers ``have`` (both regions in its own pixels)."""
     if isinstance(value, (tuple, list)):
@@ -187,6 +203,7 @@ class TiledRunner:
                 self._run_program(prog, env, held, outputs, stats, accumulators, dtype_of)
                 for v, k in plan.band_frees.get((p, index), ()):
                     held[v].free(k)
+                release_freed_memory()
             for norm, acc in accumulators.items():
                 stats[norm] = acc.mean_var()
             for v in plan.release.get(p, []):
