@@ -52,11 +52,12 @@ def _load_emulation():
         from torch.utils import cpp_extension
 
         source = native.cuda_source()
-        digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
+        # every csrc file the .cu reads (torch's build cache hashes only the listed sources)
+        text_in = source.read_bytes() + (source.parent / "kernel_common.h").read_bytes()
+        digest = hashlib.sha256(text_in).hexdigest()[:16]
         build = os.path.join(cpp_extension.get_default_build_root(), "sigec_cuda_emulated_src")
         os.makedirs(build, exist_ok=True)
         wrapper = os.path.join(build, "cuda_kernels_emulated.cpp")
-        # the digest makes torch rebuild when the .cu changes (it hashes the listed sources only)
         text = f'// {digest}\n#define SIGEC_CUDA_EMULATE 1\n#include "{source}"\n'
         if not os.path.exists(wrapper) or open(wrapper).read() != text:
             with open(wrapper, "w") as f:
