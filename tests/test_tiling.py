@@ -31,7 +31,7 @@ def _untiled(model, *args):
 # local networks: any kernels, strides, dilations, resampling, pads and skip concatenations
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(net=random_nets(max_layers=6), rows=st.integers(1, 4), cols=st.integers(1, 4))
 def test_random_conv_nets_equal_the_untiled_model(net, rows, cols):
     model, x = net
@@ -69,8 +69,7 @@ class GroupNormNet(nn.Module):
 
 
 @pytest.mark.parametrize("norm", ["group", "instance"])
-@pytest.mark.parametrize("grid", [dict(tiles=(2, 2)), dict(tiles=(3, 5)), dict(tiles=(4, 4)), dict(tile_size=12),
-                                  dict(tile_size=(32, 12))])
+@pytest.mark.parametrize("grid", [dict(tiles=(3, 5)), dict(tiles=(4, 4)), dict(tile_size=(32, 12))])
 def test_norm_nets_equal_the_untiled_model_with_synchronized_statistics(norm, grid):
     torch.manual_seed(0)
     model = GroupNormNet(norm).eval()
