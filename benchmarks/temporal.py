@@ -6,16 +6,18 @@ sigec engines with the DeepCache cut (N = 3 and 5, branch 0) and FasterDiffusion
 steps, and with ``DeepCache.DeepCacheSDHelper`` patching the model. The loops advance in
 lockstep, one step of each in turn, so that the changing load of a shared machine falls on all of
 them alike. It prints one table: loop time (the sum of the loop's step times, median [min, max]
-over ``--repeats`` rounds), MACs per loop counted from the graphs, the MAC ratio and speed-up over the dense loop, their quotient (how much of the MAC cut
-the wall clock keeps), and the final latent's PSNR against the dense loop. The MACs of every
-graph are cross-checked with ``torch.utils.flop_counter.FlopCounterMode``.
+over ``--repeats`` rounds), MACs per loop counted from the graphs, the MAC ratio and speed-up
+over the dense loop, their quotient (how much of the MAC cut the wall clock keeps), and the final
+latent's PSNR against the dense loop. The MACs of every graph are cross-checked with
+``torch.utils.flop_counter.FlopCounterMode``. FasterDiffusion's key steps are defined for DDIM-50,
+so ``--fd-steps 50`` times it (against its own dense loop) at that length.
 
 Models: ``sd1`` (``sigec.models.sd_unet("sd1")``: 64x64 latent, text embeddings (1, 77, 768)
 drawn at random) and ``church256`` (``sigec.models.ddpm_unet("church256")``), seeded random
 weights. On the trained ``digits-ddpm`` model (when it ships) it adds fidelity: the final samples'
 PSNR against the dense loop for each schedule, including ``"auto"`` at the MACs of uniform N=3.
 
-    python benchmarks/temporal.py                                   # sd1 and church256, 20 steps
+    python benchmarks/temporal.py --fd-steps 50                     # sd1 and church256, 20 steps
     python benchmarks/temporal.py --models sd1 --steps 50 --repeats 1
     python benchmarks/temporal.py --quick --no-timing               # small configurations (tests)
 """
@@ -108,8 +110,9 @@ class Variant:
     """One way of running the loop's model call; ``begin``/``pause``/``resume``/``end`` bracket a
     trajectory and every step, so that variants sharing the model can take turns step by step."""
 
-    def __init__(self, step: Callable):
+    def __init__(self, step: Callable, kind: Callable[[int], str] = lambda i: "full"):
         self.step = step
+        self.kind = kind  # "full" or "partial": what step i (of the trajectory) ran
 
     def begin(self) -> None: ...
 
@@ -127,19 +130,16 @@ class PackageVariant(Variant):
     def __init__(self, case: Case, scheduler, interval: int):
         from DeepCache import DeepCacheSDHelper
 
-        super().__init__(lambda x, t: case.call(case.model, x, t))
+        super().__init__(lambda x, t: case.call(case.model, x, t), lambda i: "partial" if i % interval else "full")
         self.helper = DeepCacheSDHelper(pipe=types.SimpleNamespace(unet=case.model, scheduler=scheduler))
         self.helper.set_params(cache_interval=interval, cache_branch_id=0)
-        self.first = True
 
     def begin(self) -> None:
-        self.helper.enable()  # resets its states and wraps the modules
-        self.first = True
+        self.helper.enable()  # resets its states and wraps the modules ...
+        self.helper.unwrap_modules()  # ... which stay unwrapped outside this variant's steps
 
     def resume(self) -> None:
-        if not self.first:
-            self.helper.wrap_modules()
-        self.first = False
+        self.helper.wrap_modules()
 
     def pause(self) -> None:
         self.helper.unwrap_modules()
@@ -151,10 +151,10 @@ class PackageVariant(Variant):
 def lockstep(variants: dict[str, Variant], scheduler, latent: torch.Tensor, steps: int) -> tuple[dict, dict]:
     """Run every variant's DDIM loop, advancing all of them one step at a time (in a rotating order),
     so that a shared machine's changing load falls on all of them alike. Returns each variant's
-    final latent and summed step time (model call plus scheduler step)."""
+    final latent and its step times (model call plus scheduler step) as ``(kind, seconds)``."""
     scheduler.set_timesteps(steps)
     latents = {name: latent.clone() for name in variants}
-    seconds = dict.fromkeys(variants, 0.0)
+    seconds: dict[str, list] = {name: [] for name in variants}
     names = list(variants)
     for v in variants.values():
         v.begin()
@@ -165,7 +165,7 @@ def lockstep(variants: dict[str, Variant], scheduler, latent: torch.Tensor, step
                 v.resume()
                 start = time.perf_counter()
                 latents[name] = scheduler.step(v.step(x, t), t, x).prev_sample
-                seconds[name] += time.perf_counter() - start
+                seconds[name].append((v.kind(i), time.perf_counter() - start))
                 v.pause()
     for v in variants.values():
         v.end()
@@ -180,10 +180,14 @@ def _has_package() -> bool:
     return True
 
 
-def measure_model(case: Case, steps: int, repeats: int, timing: bool, batched: bool, quick: bool = False) -> dict:
-    """Compile the engines, cross-check MACs, time the loops; one result dict per variant."""
+def measure_model(case: Case, steps: int, repeats: int, timing: bool, batched: bool, quick: bool = False,
+                  fd_steps: Optional[int] = None) -> dict:
+    """Compile the engines, cross-check their MACs, then time the loops in lockstep groups: DeepCache
+    (sigec and the package) at ``steps``, FasterDiffusion at ``fd_steps`` (its key steps are defined
+    for DDIM-50), each group with its own dense loop."""
     from diffusers import DDIMScheduler
 
+    fd_steps = fd_steps or steps
     scheduler = DDIMScheduler()
     specs = {"sigec DeepCache N=3": DeepCache(3, 0), "sigec DeepCache N=5": DeepCache(5, 0),
              "sigec FasterDiffusion": FasterDiffusion()}
@@ -202,34 +206,58 @@ def measure_model(case: Case, steps: int, repeats: int, timing: bool, batched: b
     # the independent count: every distinct graph once under FlopCounterMode
     check = {"full": (dense_step, counted_macs(lambda: case.call(case.model, case.latent, torch.tensor(999))))}
     for name, engine in engines.items():
-        if "batched" in name:
-            continue
-        cut = list(engine.full(*flat))[engine.specialization.num_outputs:]
-        check[name + " partial"] = (engine.macs()["partial"], counted_macs(lambda: engine.partial(*flat, *cut)))
-    variants: dict[str, Variant] = {"dense": Variant(lambda x, t: case.call(case.model, x, t))}
-    for name, engine in engines.items():
-        variants[name] = Variant((lambda e: lambda x, t: case.call(e, x, t))(engine))
-    intervals = [n for n in (3, 5) if f"sigec DeepCache N={n}" in engines]
-    if _has_package():
-        for n in intervals:
-            variants[f"DeepCache package N={n}"] = PackageVariant(case, scheduler, n)
-    macs = {"dense": steps * dense_step}
-    macs.update({name: e.loop_macs(steps) for name, e in engines.items()})
-    macs.update({f"DeepCache package N={n}": engines[f"sigec DeepCache N={n}"].loop_macs(steps) for n in intervals})
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    with torch.no_grad():
-        # warm-up: one step of every graph (kernel selection, allocator), not whole loops
+        if "batched" not in name:
+            cut = list(engine.full(*flat))[engine.specialization.num_outputs:]
+            check[name + " partial"] = (engine.macs()["partial"], counted_macs(lambda: engine.partial(*flat, *cut)))
+    with torch.no_grad():  # warm-up: one step of every graph (kernel selection, allocator), not whole loops
         case.call(case.model, case.latent, torch.tensor(999))
         for engine in engines.values():
             engine.partial(*flat, *list(engine.full(*flat))[engine.specialization.num_outputs:])
-    for _ in tqdm(range(repeats if timing else 1), desc=f"{case.name}: loops", unit="round"):
+    dense = Variant(lambda x, t: case.call(case.model, x, t))
+    sigec_variant = lambda e: Variant(lambda x, t: case.call(e, x, t), lambda i: e.last_kind)  # noqa: E731
+    groups = {steps: {"dense": dense}}
+    groups.setdefault(fd_steps, {"dense": dense})
+    for name, engine in engines.items():
+        groups[fd_steps if "FasterDiffusion" in name else steps][name] = sigec_variant(engine)
+    if _has_package():
+        for name in [n for n in engines if "DeepCache" in n]:
+            interval = engines[name].temporal.interval
+            groups[steps][f"DeepCache package N={interval}"] = PackageVariant(case, scheduler, interval)
+    rows = []
+    for group_steps, variants in groups.items():
+        rows += _time_group(case, variants, engines, scheduler, group_steps, dense_step,
+                            repeats if timing else 1, timing)
+    return {"model": case.name, "steps": steps, "fd_steps": fd_steps, "latent": list(case.latent.shape),
+            "compile_s": compile_s, "macs_per_step": {"full": dense_step,
+                                                      **{k: e.macs()["partial"] for k, e in engines.items()}},
+            "flop_counter_check": {k: {"sigec": a, "FlopCounterMode": b, "ratio": a / b if b else None}
+                                   for k, (a, b) in check.items()},
+            "key_steps": {k: sorted(e.key_steps(fd_steps if "FasterDiffusion" in k else steps))
+                          for k, e in engines.items()},
+            "rows": rows}
+
+
+def _time_group(case: Case, variants: dict, engines: dict, scheduler, steps: int, dense_step: int, rounds: int,
+                timing: bool) -> list[dict]:
+    """Rows of one lockstep group; ratios are against the group's own dense loop."""
+    def loop_macs(name: str) -> int:
+        if name == "dense":
+            return steps * dense_step
+        return engines[name.replace("DeepCache package", "sigec DeepCache")].loop_macs(steps)
+
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    step_times: dict[str, dict[str, list[float]]] = {name: {"full": [], "partial": []} for name in variants}
+    for _ in tqdm(range(rounds), desc=f"{case.name}: {steps}-step loops", unit="round"):
         finals, seconds = lockstep(variants, scheduler, case.latent, steps)
-        for name, sec in seconds.items():
-            times[name].append(sec)
+        for name, per_step in seconds.items():
+            times[name].append(sum(sec for _, sec in per_step))
+            for kind, sec in per_step:
+                step_times[name][kind].append(sec)
     dense_t = statistics.median(times["dense"])
     rows = []
     for name in variants:
-        row = {"variant": name, "macs_per_loop": macs[name], "mac_ratio": macs["dense"] / macs[name],
+        row = {"variant": name, "steps": steps, "macs_per_loop": loop_macs(name),
+               "mac_ratio": steps * dense_step / loop_macs(name),
                "psnr_vs_dense_db": psnr(finals[name], finals["dense"]),
                "max_abs_diff_vs_dense": float((finals[name] - finals["dense"]).abs().max())}
         if name.startswith("DeepCache package"):
@@ -238,36 +266,37 @@ def measure_model(case: Case, steps: int, repeats: int, timing: bool, batched: b
         if timing:
             t = times[name]
             row.update(loop_s=[statistics.median(t), min(t), max(t)], speedup=dense_t / statistics.median(t))
+            # per-step medians: a lower-noise comparison of equal work (sigec vs the package)
+            row.update({f"{kind}_step_s": statistics.median(v) if v else None for kind, v in step_times[name].items()})
             row["wall_over_mac_ratio"] = row["speedup"] / row["mac_ratio"]
         rows.append(row)
-    return {"model": case.name, "steps": steps, "latent": list(case.latent.shape),
-            "compile_s": compile_s, "macs_per_step": {"full": dense_step,
-                                                      **{k: e.macs()["partial"] for k, e in engines.items()}},
-            "flop_counter_check": {k: {"sigec": a, "FlopCounterMode": b, "ratio": a / b if b else None}
-                                   for k, (a, b) in check.items()},
-            "key_steps": {k: sorted(e.key_steps(steps)) for k, e in engines.items()},
-            "rows": rows}
+    return rows
 
 
 def _s(t: Optional[list]) -> str:
     return f"{t[0]:.1f} [{t[1]:.1f}, {t[2]:.1f}]" if t else "-"
 
 
+def _step(t: Optional[float]) -> str:
+    return f"{t:.3f}" if t is not None else "-"
+
+
 def format_table(result: dict) -> str:
-    head = (f"{'variant':32s} {'GMACs/loop':>10s} {'MAC ratio':>9s} {'loop s [min, max]':>22s} "
-            f"{'speedup':>8s} {'wall/MAC':>8s} {'PSNR dB':>8s}")
-    lines = [f"{result['model']}: DDIM {result['steps']} steps, latent {'x'.join(map(str, result['latent']))}",
-             head, "-" * len(head)]
+    head = (f"{'variant':32s} {'steps':>5s} {'GMACs/loop':>10s} {'MAC ratio':>9s} {'loop s [min, max]':>22s} "
+            f"{'speedup':>8s} {'wall/MAC':>8s} {'full step s':>11s} {'partial s':>9s} {'PSNR dB':>8s}")
+    lines = [f"{result['model']}: DDIM loop, latent {'x'.join(map(str, result['latent']))}", head, "-" * len(head)]
     for r in result["rows"]:
         speed = f"{r['speedup']:.2f}x" if "speedup" in r else "-"
         eff = f"{r['wall_over_mac_ratio']:.0%}" if "wall_over_mac_ratio" in r else "-"
-        lines.append(f"{r['variant']:32s} {r['macs_per_loop'] / 1e9:>10.1f} {r['mac_ratio']:>8.2f}x "
-                     f"{_s(r.get('loop_s')):>22s} {speed:>8s} {eff:>8s} {r['psnr_vs_dense_db']:>8.1f}")
+        lines.append(f"{r['variant']:32s} {r['steps']:>5d} {r['macs_per_loop'] / 1e9:>10.1f} {r['mac_ratio']:>8.2f}x "
+                     f"{_s(r.get('loop_s')):>22s} {speed:>8s} {eff:>8s} {_step(r.get('full_step_s')):>11s} "
+                     f"{_step(r.get('partial_step_s')):>9s} {r['psnr_vs_dense_db']:>8.1f}")
     checks = ", ".join(f"{k} {v['ratio']:.4f}" for k, v in result["flop_counter_check"].items())
     lines.append(f"MACs sigec / FlopCounterMode: {checks}")
     for r in result["rows"]:
         if "max_abs_diff_vs_sigec" in r:
-            lines.append(f"{r['variant']}: final latent differs from sigec's by at most {r['max_abs_diff_vs_sigec']:.2e}")
+            lines.append(f"{r['variant']}: final latent differs from sigec's by at most "
+                         f"{r['max_abs_diff_vs_sigec']:.2e}")
     return "\n".join(lines)
 
 
@@ -318,12 +347,15 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="sd1,church256", help="comma-separated: sd1, church256 (sd-tiny, church-small)")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps per loop")
+    p.add_argument("--fd-steps", type=int, default=None,
+                   help="DDIM steps of the FasterDiffusion loops (default: --steps; its key steps are DDIM-50's)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--repeats", type=int, default=2, help="timed rounds (each runs every variant's loop, in lockstep)")
     p.add_argument("--no-timing", action="store_true", help="skip the wall-clock measurements")
     p.add_argument("--batched", action="store_true", help="also FasterDiffusion with batch_partial_steps=True")
     p.add_argument("--fidelity-steps", default=None,
-                   help="comma-separated DDIM steps of the digits fidelity runs (default 20,50; 6 with --quick; '' skips)")
+                   help="DDIM steps of the digits fidelity runs, comma-separated (default 20,50; 6 with --quick; "
+                        "'' skips them)")
     p.add_argument("--quick", action="store_true", help="sd-tiny, 6 steps, one round (for tests)")
     p.add_argument("--json", default="out/temporal.json", help="where to write the results")
     args = p.parse_args(argv)
@@ -342,7 +374,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
               "models": []}
     for name in names:
         model_result = measure_model(builders[name](name), args.steps, args.repeats, not args.no_timing, args.batched,
-                                     quick=args.quick)
+                                     quick=args.quick, fd_steps=args.fd_steps)
         print(format_table(model_result), flush=True)
         result["models"].append(model_result)
     fidelity_steps = [int(s) for s in args.fidelity_steps.split(",") if s.strip()]

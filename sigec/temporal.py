@@ -649,13 +649,16 @@ class TemporalEngine(torch.nn.Module):
                 f"edits=True needs the partial graph's image inputs (latent and cut values) at one resolution, but "
                 f"they are at {resolutions}: spatial engines mask one input resolution. Use a cut at the input "
                 f"resolution (DeepCache branch 0, or a Reuse cut of modules at full resolution), or edits=False")
-        examples = [torch.zeros(v.shape, dtype=v.dtype, device=v.device) for v in self._examples]
+
+        def zeros(vals) -> tuple:
+            return tuple(torch.zeros(v.shape, dtype=v.dtype, device=v.device) for v in vals)
+
         latents = [self.input_names[i] for i in self._latent_pos]
         cut_names = [n.name for n in self.partial.graph.nodes if n.op == "placeholder"][len(self._examples):]
         self.full.eval(), self.partial.eval()
-        self._full_engine = sigec_compile(self.full, tuple(examples), spatial_inputs=latents, **options)
+        self._full_engine = sigec_compile(self.full, zeros(self._examples), spatial_inputs=latents, **options)
         self._partial_engine = sigec_compile(
-            self.partial, tuple(examples) + tuple(torch.zeros(v.shape, dtype=v.dtype, device=v.device) for v in cut_vals),
+            self.partial, zeros(self._examples) + zeros(cut_vals),
             spatial_inputs=[n for n in latents if self.specialization.reads_input(n)] + cut_names, **options)
 
     # -- public controls ----------------------------------------------------------------------
@@ -839,8 +842,9 @@ class TemporalEngine(torch.nn.Module):
         stream = fingerprint([flat[i] for i in self._stream_pos])
         index, num_steps, timesteps = self._resolve(flat, stream, explicit)
         trajectory = self._streams.get(stream)
-        if (trajectory is None or index <= trajectory.last
-                or (timesteps is not None and trajectory.timesteps is not None and timesteps is not trajectory.timesteps)):
+        timesteps_reset = timesteps is not None and trajectory is not None and trajectory.timesteps is not None \
+            and timesteps is not trajectory.timesteps
+        if trajectory is None or index <= trajectory.last or timesteps_reset:
             trajectory = self._begin(stream, index, num_steps, timesteps)
         trajectory.last = index
         step = index - trajectory.start

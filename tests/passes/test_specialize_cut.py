@@ -76,7 +76,7 @@ def test_partial_graph_is_the_slice_below_the_cut():
 
 
 def test_dependence_analysis_says_the_latent_is_not_read():
-    cap, model, (x, scale) = _captured()
+    cap, _, (x, scale) = _captured()
     a = _node(cap.gm, aten.conv2d.default, 0)
     mul = _node(cap.gm, aten.mul.Tensor)
     relu = _node(cap.gm, aten.relu.default)
