@@ -315,17 +315,22 @@ class Engine(torch.nn.Module):
         self._check_identity()
         flat = self._flatten(args, kwargs)
         key, fp = self._slot_key(flat)
-        slot = self._fresh_slot(key, self.store.get(key))
-        with torch.no_grad():
-            if slot is None:
-                if mask is not None:
-                    raise EngineError(f"no recorded run for slot {key[1]!r}: call the engine once without "
-                                      "mask= on the original input to record it, then edit")
-                return self._record(flat, key, fp)
-            if slot.nonspatial_fingerprint != fp:
-                raise EngineError(f"slot {key[1]!r} was recorded with different non-spatial inputs "
-                                  "(timestep, embeddings, ...); use another slot name or clear() it")
-            return self._incremental(flat, key, slot, self._input_mask(flat, slot, mask))
+        # an offloaded slot comes to the inputs' device for this call and goes back to the host after it
+        device = flat[self._spatial_pos[0]].device if self._spatial_pos else self._device
+        slot = self._fresh_slot(key, self.store.checkout(key, device or "cpu"))
+        try:
+            with torch.no_grad():
+                if slot is None:
+                    if mask is not None:
+                        raise EngineError(f"no recorded run for slot {key[1]!r}: call the engine once without "
+                                          "mask= on the original input to record it, then edit")
+                    return self._record(flat, key, fp)
+                if slot.nonspatial_fingerprint != fp:
+                    raise EngineError(f"slot {key[1]!r} was recorded with different non-spatial inputs "
+                                      "(timestep, embeddings, ...); use another slot name or clear() it")
+                return self._incremental(flat, key, slot, self._input_mask(flat, slot, mask))
+        finally:
+            self.store.checkin(key)
 
     def _record(self, flat: list, key, fp: str) -> Any:
         results = list(self.recording(*flat))
