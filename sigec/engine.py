@@ -6,15 +6,14 @@ import dataclasses
 import logging
 import math
 import threading
-import weakref
 from itertools import chain
 from typing import TYPE_CHECKING, Any, Hashable, Optional
 
 import torch
 from torch.fx import GraphModule
-from torch.fx._pytree import tree_flatten_spec
 from torch.utils import _pytree as pytree
 
+from sigec import inputs
 from sigec import meta_keys as K
 from sigec.codegen.incremental import VALUE, IncrementalSignature
 from sigec.passes.pass_base import PassContext
@@ -29,20 +28,6 @@ log = logging.getLogger("sigec")
 
 class EngineError(RuntimeError):
     """Misuse of an engine: editing before recording, wrong mask, wrong input shape, ..."""
-
-
-def _owners(model: torch.nn.Module, names: list[str]) -> list:
-    """``(weakref to the submodule, attribute)`` holding each named parameter or buffer; the
-    reference is dead when the model has no such submodule (the name then is never checked)."""
-    owners = []
-    for name in names:
-        path, _, leaf = name.rpartition(".")
-        try:
-            module = model.get_submodule(path) if path else model
-        except AttributeError:
-            module = None
-        owners.append((weakref.ref(module) if module is not None else (lambda: None), leaf))
-    return owners
 
 
 def _nchw(t: torch.Tensor, nhwc: bool) -> torch.Tensor:
@@ -149,7 +134,7 @@ class Engine(torch.nn.Module):
         self._watched = [(name, t, id(t)) for name, t in
                          chain(graph_module.named_parameters(), graph_module.named_buffers())]
         # where each watched tensor lives in the user's model, to see it replaced by another
-        self._owners = _owners(source, [name for name, _, _ in self._watched]) if source is not None else []
+        self._owners = inputs.owners(source, [name for name, _, _ in self._watched]) if source is not None else []
         self._lock = threading.RLock()
         self._device = self._watched[0][1].device if self._watched else None
         self._placement = [(t.dtype, t.device) for _, t, _ in self._watched]
@@ -160,13 +145,7 @@ class Engine(torch.nn.Module):
         The captured graphs have the model's dtype and device written into them (casts, tensor
         factories), so a moved engine would not compute the moved model: compile it again.
         """
-        if getattr(self, "_watched", None):
-            probe = self._watched[0][1]
-            moved = fn(probe)
-            if moved.dtype != probe.dtype or moved.device != probe.device:
-                raise EngineError(f"a compiled engine cannot move from {probe.dtype} on {probe.device} to "
-                                  f"{moved.dtype} on {moved.device}: its graphs are specialized to both. Move "
-                                  "the model (model.to(...)) and call sigec.compile again")
+        inputs.refuse_move(self._watched[0][1] if getattr(self, "_watched", None) else None, fn, EngineError)
         return super()._apply(fn, recurse)
 
     # -- plans --------------------------------------------------------------------------------
@@ -210,20 +189,11 @@ class Engine(torch.nn.Module):
 
     # -- staleness ----------------------------------------------------------------------------
     def _state_versions(self) -> tuple:
-        return tuple((t.data_ptr(), t._version) for _, t, _ in self._watched)
+        return inputs.state_versions(self._watched)
 
     def _check_identity(self) -> None:
         """Parameters moved or replaced by new objects are not what the graphs compute with."""
-        for (name, t, _), (dtype, device) in zip(self._watched, self._placement):
-            if t.dtype != dtype or t.device != device:
-                raise EngineError(f"the model was moved after compile ({name!r} is now {t.dtype} on {t.device}, "
-                                  f"compiled for {dtype} on {device}): call sigec.compile again")
-        for (name, _, ident), (owner, leaf) in zip(self._watched, self._owners):
-            module = owner()
-            current = None if module is None else module._parameters.get(leaf, module._buffers.get(leaf))
-            if current is not None and id(current) != ident:
-                raise EngineError(f"parameter or buffer {name!r} was replaced by a new tensor after compile; "
-                                  "the compiled graphs still read the old one: call sigec.compile again")
+        inputs.check_identity(self._watched, self._placement, self._owners, EngineError)
 
     def _fresh_slot(self, key, slot: Optional[Slot]) -> Optional[Slot]:
         """``slot`` if the weights are unchanged since it was recorded; otherwise apply ``on_stale``."""
@@ -241,24 +211,8 @@ class Engine(torch.nn.Module):
 
     # -- calling ------------------------------------------------------------------------------
     def _flatten(self, args, kwargs) -> list:
-        try:
-            flat = tree_flatten_spec((args, kwargs), self._in_spec)
-        except Exception as exc:
-            raise EngineError(f"the call's arguments do not match the example inputs' structure "
-                              f"({self.input_names}): {exc}") from exc
-        for name, value, example in zip(self.input_names, flat, self._examples):
-            if isinstance(example, torch.Tensor):
-                if not isinstance(value, torch.Tensor):
-                    raise EngineError(f"input {name!r} must be a tensor, got {type(value).__name__}")
-                if self._device is not None and value.device != self._device:
-                    raise EngineError(f"input {name!r} is on {value.device} but the engine's weights are on "
-                                      f"{self._device}; move the input, or the engine with engine.to(...)")
-                if tuple(value.shape) != tuple(example.shape) or value.dtype != example.dtype:
-                    raise EngineError(
-                        f"input {name!r} has shape {tuple(value.shape)} and dtype {value.dtype}, but the "
-                        f"engine was compiled for {tuple(example.shape)} and {example.dtype}; compile "
-                        "again with example inputs of the new shape")
-        return list(flat)
+        return inputs.flatten_inputs(args, kwargs, self._in_spec, self.input_names, self._examples, self._device,
+                                     EngineError)
 
     def _slot_key(self, flat: list) -> tuple[Hashable, str]:
         others = [v for i, v in enumerate(flat) if i not in self._spatial_pos]
