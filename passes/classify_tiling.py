@@ -224,6 +224,9 @@ class GatherGeometry:
 
     src: tuple[torch.Tensor, torch.Tensor]
     fill: float
+    #: per axis, ``f`` where the map is ``o // f`` (nearest up-sampling by an integer factor, or 1:
+    #: the identity), else 0; with both set, ``run`` repeats pixels instead of indexing
+    repeats: tuple[int, int] = (0, 0)
 
     def needs(self, axis: int, a: int, b: int) -> Interval:
         idx = self.src[axis][a:b]
@@ -233,6 +236,8 @@ class GatherGeometry:
         return int(idx.min()), int(idx.max()) + 1
 
     def run(self, x, have, want, out, args, kwargs) -> torch.Tensor:
+        if all(self.repeats):
+            return self._repeat(x, have, out)
         if any(bool((self.src[axis][a:b] < 0).all()) for axis, (a, b) in enumerate(out)):
             return x.new_full((*x.shape[:2], out[0][1] - out[0][0], out[1][1] - out[1][0]), self.fill)
         y = x
@@ -249,6 +254,25 @@ class GatherGeometry:
                 index[axis + 2] = missing.to(y.device)
                 y[tuple(index)] = self.fill
         return y
+
+    def _repeat(self, x, have, out) -> torch.Tensor:
+        # index_select along both axes copies twice and is slow on strided crops; a broadcast
+        # repeat of the input lines the region reads is one copy
+        (fh, fw), ((a, b), (c, d)) = self.repeats, out
+        r0, r1, c0, c1 = a // fh, (b - 1) // fh + 1, c // fw, (d - 1) // fw + 1
+        x = x[..., r0 - have[0][0]:r1 - have[0][0], c0 - have[1][0]:c1 - have[1][0]]
+        n, ch, h, w = x.shape
+        y = x[:, :, :, None, :, None].expand(n, ch, h, fh, w, fw).reshape(n, ch, h * fh, w * fw)
+        return y[..., a - r0 * fh:b - r0 * fh, c - c0 * fw:d - c0 * fw]
+
+
+def _repeat_factor(src: torch.Tensor) -> int:
+    """``f`` when ``src[o] == o // f`` for every output ``o``, else 0."""
+    n = src.numel()
+    for f in range(1, n + 1):
+        if int(src[-1]) == (n - 1) // f and torch.equal(src, torch.arange(n) // f):
+            return f
+    return 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -355,7 +379,8 @@ def _probe_gather(node: Node) -> "GatherGeometry | str":
         if not torch.equal(src[copied], high[copied]):
             return "it mixes rows and columns"
         maps.append(torch.where(copied, src, torch.full_like(src, -1)).long())
-    return GatherGeometry(tuple(maps), 0.0 if fill is None else fill)
+    repeats = (0, 0) if fill is not None else tuple(_repeat_factor(m) for m in maps)
+    return GatherGeometry(tuple(maps), 0.0 if fill is None else fill, repeats)
 
 
 def _gather_supports(node: Node) -> Optional[str]:

@@ -92,14 +92,46 @@ class BandedValue:
                     raise RuntimeError("tiled plan: a held band was read after it was freed")
                 a, b = max(lo, r0), min(hi, r1)
                 parts.append(crop(self.bands[k], ((lo, hi), (0, self.shape[self.row_dim + 1])), ((a, b), cols), layout))
-        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=self.row_dim)
-        return out.to(dtype)
+        if len(parts) == 1:
+            return parts[0].to(dtype)
+        # one copy, converting as it goes (not a cat in the storage dtype, then a conversion)
+        shape = list(parts[0].shape)
+        shape[self.row_dim] = sum(part.shape[self.row_dim] for part in parts)
+        out = torch.empty(shape, dtype=dtype, device=self.device)
+        at = 0
+        for part in parts:
+            out.narrow(self.row_dim, at, part.shape[self.row_dim]).copy_(part)
+            at += part.shape[self.row_dim]
+        return out
 
     def full(self, dtype: torch.dtype, layout: str) -> torch.Tensor:
         return self.read(((0, self.shape[self.row_dim]), (0, self.shape[self.row_dim + 1])), dtype, layout)
 
     def free(self, k: int) -> None:
         self.bands[k] = None
+
+
+#: channels are reduced in chunks of about this many bytes (a cache-resident contiguous copy)
+MOMENTS_CHUNK_BYTES = 1 << 20
+
+
+def channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-(sample, channel) mean and population variance of ``x`` (N, C, h, w), in float64.
+
+    ``var_mean`` over the last two dims of a strided crop is several times slower than ATen's
+    group-norm moments kernel, which needs contiguous input: the channels go through it in small
+    contiguous chunks, one group per channel (its output is discarded)."""
+    n, c, h, w = x.shape
+    chunk = max(1, MOMENTS_CHUNK_BYTES // (4 * h * w * n))
+    means, variances = [], []
+    for c0 in range(0, c, chunk):
+        part = x[:, c0:c0 + chunk]
+        part = part.contiguous() if part.dtype in (torch.float32, torch.float64) else part.float()
+        k = part.shape[1]
+        _, mean, rstd = torch.ops.aten.native_group_norm(part, None, None, n, k, h * w, k, 0.0)
+        means.append(mean.double())
+        variances.append(rstd.double().pow(-2))  # rstd = 1 / sqrt(var): inf (var 0) gives 0
+    return torch.cat(means, dim=1), torch.cat(variances, dim=1)
 
 
 class NormStatistics:
@@ -117,9 +149,8 @@ class NormStatistics:
         pixels = x.shape[2] * x.shape[3]
         if pixels == 0:
             return
-        acc = x if x.dtype in (torch.float32, torch.float64) else x.float()
-        var_c, mean_c = torch.var_mean(acc, dim=(2, 3), correction=0)
-        mean_c, m2_c = mean_c.double().view(n, self.groups, -1), (var_c.double() * pixels).view(n, self.groups, -1)
+        mean_c, var_c = channel_moments(x)
+        mean_c, m2_c = mean_c.view(n, self.groups, -1), (var_c * pixels).view(n, self.groups, -1)
         per_group = c // self.groups
         mean_t = mean_c.mean(dim=2)
         m2_t = m2_c.sum(dim=2) + pixels * ((mean_c - mean_t[..., None]) ** 2).sum(dim=2)

@@ -367,10 +367,10 @@ def test_report_is_json_ready():
 
 
 def test_benchmark_quick_mode(tmp_path):
-    from benchmarks import vae_tiled
+    from benchmarks import tiled_memory
 
-    out = tmp_path / "vae_tiled.json"
-    result = vae_tiled.main(["--quick", "--json", str(out)])
+    out = tmp_path / "tiled_memory.json"
+    result = tiled_memory.main(["--quick", "--json", str(out)])
     rows = {r["name"]: r for r in result["rows"]}
     assert set(rows) >= {"untiled", "sigec 2x2 exact (held float16)", "sigec 2x2 preview"}
     assert rows["untiled"]["psnr_db"] == float("inf")

@@ -62,9 +62,12 @@ def test_gather_maps_are_read_from_the_op():
                                      mode="reflect"), torch.randn(1, 2, 8, 6))
     up = nodes_by_target(gm, aten.upsample_nearest2d.vec)[0].meta[K.TILE].geometry
     assert up.src[0].tolist() == [int(o / 1.5) for o in range(12)]  # nearest: floor(o * in / out)
+    assert up.repeats == (0, 0)  # 1.5 is no integer factor: indexed, not repeated
     pad = nodes_by_target(gm, aten.pad.default)[0].meta[K.TILE].geometry
     assert pad.src[1].tolist() == [2, 1, 0, 1, 2, 3, 4, 5, 6, 7, 8, 7]  # reflect by 2 on the left, 1 on the right
     assert pad.src[0].tolist()[-3:] == [10, 9, 8]
+    gm = classify(lambda m, x: F.interpolate(m.conv(x), scale_factor=2, mode="nearest"), torch.randn(1, 2, 8, 6))
+    assert nodes_by_target(gm, aten.upsample_nearest2d.vec)[0].meta[K.TILE].geometry.repeats == (2, 2)
 
 
 _G = torch.Generator().manual_seed(0)
@@ -80,6 +83,7 @@ OPS = {
     "bilinear_up": lambda x: F.interpolate(x, scale_factor=2.0, mode="bilinear"),
     "bilinear_down": lambda x: F.interpolate(x, scale_factor=0.5, mode="bilinear"),
     "nearest_down": lambda x: F.interpolate(x, size=(4, 5), mode="nearest"),
+    "nearest_up": lambda x: F.interpolate(x, scale_factor=3, mode="nearest"),
     "replicate_pad": lambda x: F.pad(x, (1, 3, 2, 0), mode="replicate"),
     "constant_pad": lambda x: F.pad(x, (1, -1, 2, 0), value=7.0),
     "flip": lambda x: x.flip(3),

@@ -10,10 +10,10 @@ Models (``--model``): ``vae`` is the Stable Diffusion ``AutoencoderKL`` decoder 
 128, 256, 512, 512; two layers per block; 32 groups; latent ``--latent`` x ``--latent`` -> 8x the
 pixels); ``church`` the DDPM church-256 UNet (one denoising step) at ``--resolution``.
 
-    python benchmarks/vae_tiled.py                          # SD VAE decoder, 1024x1024 output
-    python benchmarks/vae_tiled.py --latent 64              # 512x512 output
-    python benchmarks/vae_tiled.py --model church --resolution 512 --tiles 2
-    python benchmarks/vae_tiled.py --quick                  # small VAE, for tests
+    python benchmarks/tiled_memory.py                          # SD VAE decoder, 1024x1024 output
+    python benchmarks/tiled_memory.py --latent 64              # 512x512 output
+    python benchmarks/tiled_memory.py --model church --resolution 512 --tiles 2
+    python benchmarks/tiled_memory.py --quick                  # small VAE, for tests
 """
 from __future__ import annotations
 
@@ -212,7 +212,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=1, help="measured calls per configuration (same process)")
     p.add_argument("--quick", action="store_true", help="a small VAE (latent 16), 2x2 tiles, for tests")
-    p.add_argument("--json", default="out/vae_tiled.json")
+    p.add_argument("--json", default="out/tiled_memory.json")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
