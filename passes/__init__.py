@@ -3,6 +3,7 @@
 pass keeps are in ``README.md`` beside this file and checked by ``verifier.verify``.
 """
 from sigec.passes.pass_base import PassContext, PassError, check_order, run_passes, sigec_pass
+from sigec.passes.canonicalize_tokens import canonicalize_tokens
 from sigec.passes.classify_spatial import classify_spatial
 from sigec.passes.propagate_masks import propagate_masks
 from sigec.passes.analyze_halo import analyze_halo
@@ -14,7 +15,7 @@ from sigec.passes.specialize_cut import specialize_cut
 from sigec.passes.classify_tiling import classify_tiling
 from sigec.passes.schedule_tiles import schedule_tiles
 
-ANALYSIS_PASSES = [classify_spatial, propagate_masks, analyze_halo, partition, fold_norm_activation]
+ANALYSIS_PASSES = [canonicalize_tokens, classify_spatial, propagate_masks, analyze_halo, partition, fold_norm_activation]
 INCREMENTAL_PASSES = [fold_residual_add, fuse_scatter_gather]
 #: temporal reuse (sigec.temporal): the full and partial graphs of a cut, on the captured graph
 TEMPORAL_PASSES = [specialize_cut]

@@ -11,6 +11,9 @@ Kinds (``OpKind``):
   the op on gathered windows.
 * ``NORM``        - statistics over the whole image (group / instance norm); under every policy
   the statistics are frozen at the recorded values, so the op becomes a per-channel affine.
+* ``ATTENTION``   - ``sigec.attention`` (see passes/canonicalize_tokens.py): an output pixel depends on
+  the same pixel of the query and on every key and value. Queries run on the active blocks;
+  keys and values are read whole (the recorded tensors with their active blocks updated).
 * ``PROJECTION``  - ``getitem`` on multi-output ops; follows its source.
 * ``IGNORED``     - runtime assertions that produce nothing.
 
@@ -31,6 +34,7 @@ import torch
 from torch.fx import Node
 
 from sigec import meta_keys as K
+from sigec.runtime import attention as _attention  # noqa: F401  (registers torch.ops.sigec.attention)
 from sigec.runtime import masks as M
 
 aten = torch.ops.aten
@@ -41,6 +45,7 @@ class OpKind(enum.Enum):
     CHANNELWISE = "channelwise"
     LOCAL = "local"
     NORM = "norm"
+    ATTENTION = "attention"
     PROJECTION = "projection"
     IGNORED = "ignored"
 
@@ -378,6 +383,18 @@ def _channels_last_only(what: str):
     return check
 
 
+def _attention_supports(node: Node) -> Optional[str]:
+    """The query must be a channels-last image; keys and values may be images or independent of the edit."""
+    query = _layout_of(node.args[0])
+    if query is None or query.layout != "nhwc":
+        return "query is not a channels-last image"
+    for operand in node.args[1:3]:
+        info = operand.meta.get(K.SPATIAL)
+        if info is not None and info.tainted and _layout_of(operand) is None:
+            return f"{operand.name} (keys or values) depends on the edit but is not an image"
+    return None
+
+
 def _group_norm_supports(node: Node) -> Optional[str]:
     return None if _val(node.args[0]) is not None and _val(node.args[0]).dim() == 4 else "not a 4-D input"
 
@@ -402,6 +419,7 @@ _EXTRA_POINTWISE = {
     aten.to.dtype: OpRule(OpKind.POINTWISE, spatial_args=(0,)),
     aten._to_copy.default: OpRule(OpKind.POINTWISE, spatial_args=(0,)),
     aten.alias.default: OpRule(OpKind.POINTWISE),
+    aten.contiguous.default: OpRule(OpKind.POINTWISE, spatial_args=(0,)),
     aten.detach.default: OpRule(OpKind.POINTWISE),
 }
 
@@ -433,6 +451,7 @@ _TABLE: dict = {
     aten.linear.default: OpRule(OpKind.CHANNELWISE, _channels_last_only("linear"), spatial_args=(0,)),
     aten.group_norm.default: OpRule(OpKind.NORM, _group_norm_supports, spatial_args=(0,)),
     aten.instance_norm.default: OpRule(OpKind.NORM, _instance_norm_supports, spatial_args=(0,)),
+    torch.ops.sigec.attention.default: OpRule(OpKind.ATTENTION, _attention_supports, spatial_args=(0, 1, 2)),
     operator.getitem: OpRule(OpKind.PROJECTION, spatial_args=(0,)),
     aten._assert_tensor_metadata.default: OpRule(OpKind.IGNORED),
     aten._assert_scalar.default: OpRule(OpKind.IGNORED),

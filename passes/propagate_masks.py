@@ -61,6 +61,8 @@ def propagate_masks(gm: GraphModule, ctx: PassContext) -> GraphModule:
             node.meta[K.MASK] = _common(_source_masks(node), res)
         else:
             node.meta[K.MASK] = _common(_source_masks(node), res)
+        if rule is not None and rule.kind is OpKind.ATTENTION and any(k.meta[K.SPATIAL].tainted for k in node.args[1:3]):
+            ctx.approximations[node.name] = "attention: queries outside the mask keep their recorded output"
         if rule is None or rule.kind is OpKind.NORM:
             why = "frozen normalization statistics" if rule is not None else ctx.fallbacks.get(node.name, "fallback")
             ctx.approximations[node.name] = why

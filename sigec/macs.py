@@ -7,6 +7,7 @@ import torch
 from torch.fx import Node
 
 from sigec import meta_keys as K
+from sigec.runtime.attention import attention_macs
 
 aten = torch.ops.aten
 
@@ -36,6 +37,10 @@ def _sdpa(node: Node) -> int:
     return batch * q[-2] * k[-2] * (q[-1] + v[-1])
 
 
+def _attention(node: Node) -> int:
+    return attention_macs(*(_shape(a) for a in node.args[:3]))
+
+
 _FORMULAS = {
     aten.conv2d.default: _conv,
     aten.conv2d.padding: _conv,
@@ -47,6 +52,8 @@ _FORMULAS = {
     aten.addmm.default: _matmul,
     aten.baddbmm.default: _matmul,
     aten.scaled_dot_product_attention.default: _sdpa,
+    torch.ops.sigec.attention.default: _attention,
+    torch.ops.sigec.attention_blocks.default: _attention,
 }
 
 

@@ -293,6 +293,10 @@ class _Emitter:
             return
         if rule.kind is OpKind.LOCAL:
             new = self._emit_local(node, rule, mask, block)
+        elif rule.kind is OpKind.ATTENTION:
+            # queries of the active blocks against whole keys and values (written in place first)
+            query = self.blocks_of(node.args[0], mask, block)
+            new = self.call(sigec_ops.attention_blocks.default, (query, *self.new(tuple(node.args[1:]))), origin=node)
         elif rule.kind is OpKind.NORM:
             scale, shift = self.norm_params(node)
             x = self.blocks_of(norm_args(node)[0], mask, block)

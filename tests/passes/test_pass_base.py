@@ -32,7 +32,7 @@ def test_failing_pass_is_named_with_its_predecessors():
 
 def test_unknown_stop_after_lists_passes():
     gm = capture(nn.Conv2d(1, 1, 1), (torch.randn(1, 1, 4, 4),)).gm
-    with pytest.raises(PassError, match="is not a valid pass! Passes: classify_spatial"):
+    with pytest.raises(PassError, match="is not a valid pass! Passes: canonicalize_tokens, classify_spatial"):
         run_passes(gm, PassContext(CompileSettings()), ANALYSIS_PASSES, stop_after="nope")
 
 
