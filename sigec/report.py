@@ -93,6 +93,8 @@ def _incremental_macs(node, stats) -> tuple[Optional[int], Optional[int], Option
 
 def build_report(engine, stats: Optional[dict]) -> Report:
     ctx = engine.context
+    # static values the incremental graph reads from the slot (and what only they need) cost nothing
+    emitted = {n.meta.get(K.ORIGIN) for n in engine.incremental.graph.nodes}
     rows = []
     for node in engine.graph_module.graph.nodes:
         if node.op != "call_function":
@@ -103,6 +105,8 @@ def build_report(engine, stats: Optional[dict]) -> Report:
             continue
         spec = node.meta.get(K.WINDOW)
         inc, count, frac = _incremental_macs(node, stats)
+        if decision.kind is DecisionKind.STATIC and node.name not in emitted and inc is not None:
+            inc = 0
         mask = node.meta.get(K.MASK)
         rows.append(NodeReport(
             name=node.name, op=str(node.target), resolution=node.meta[K.SPATIAL].resolution,

@@ -80,7 +80,9 @@ class CompileSettings:
 
 
 def _default_block(height: int, width: int) -> int:
-    target = max(4, min(16, min(height, width) // 16))
+    # low resolutions carry the widest layers: 2-pixel blocks there keep a small edit small
+    smallest = 2 if min(height, width) <= 16 else 4
+    target = max(smallest, min(16, min(height, width) // 16))
     edge = 1
     while edge * 2 <= target:
         edge *= 2
