@@ -171,6 +171,10 @@ class SlotStore:
         self._to_host(slot)
         self._slots[key] = slot
 
+    def discard(self, key: Hashable) -> None:
+        """Drop the slot ``key`` if held."""
+        self._slots.pop(key, None)
+
     def clear(self) -> None:
         self._slots.clear()
 
