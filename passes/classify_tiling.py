@@ -113,6 +113,14 @@ def pad_to(x: torch.Tensor, have: tuple[Interval, Interval], want: tuple[Interva
     return F.pad(x, pads, mode=mode)
 
 
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """``x`` NHWC-contiguous. oneDNN convolves NHWC tensors as they are, with an NHWC output;
+    an NCHW input costs an input and an output reorder (three times the output's memory, and
+    slower). A tile's conv input is usually a fresh crop or padded copy anyway, so converting it
+    costs nothing extra, and the NHWC output then flows through pointwise ops and norms unchanged."""
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
 def _place(y: torch.Tensor, start: tuple[int, int], want: tuple[Interval, Interval]) -> torch.Tensor:
     """``y`` covers global rows/cols from ``start``; return exactly ``want``, zero outside ``y``."""
     out = y
@@ -157,6 +165,7 @@ class ConvGeometry:
     def run(self, x, have, want, out, args, kwargs) -> torch.Tensor:
         x = pad_to(x, have, want, "constant", self.pad_value)
         if self.op == "conv":
+            x = channels_last(x)
             groups = args[8] if len(args) > 8 and isinstance(args[6], bool) else arg_value(args, kwargs, 6, "groups", 1)
             return torch.conv2d(x, args[1], _bias(args, kwargs), list(self.stride), 0, list(self.dilation), groups)
         if self.op == "max_pool":
@@ -189,7 +198,7 @@ class ConvTransposeGeometry:
         return _ceil_div(a + p - d * (k - 1), s), (b - 1 + p) // s + 1
 
     def run(self, x, have, want, out, args, kwargs) -> torch.Tensor:
-        x = pad_to(x, have, want)  # inputs past the border contribute nothing: zeros
+        x = channels_last(pad_to(x, have, want))  # inputs past the border contribute nothing: zeros
         weight, bias = args[1], _bias(args, kwargs)
         groups = args[8] if len(args) > 8 else arg_value(args, kwargs, 6, "groups", 1)
         y = F.conv_transpose2d(x, weight, None, list(self.stride), 0, 0, groups, list(self.dilation))
@@ -262,7 +271,11 @@ class GatherGeometry:
         r0, r1, c0, c1 = a // fh, (b - 1) // fh + 1, c // fw, (d - 1) // fw + 1
         x = x[..., r0 - have[0][0]:r1 - have[0][0], c0 - have[1][0]:c1 - have[1][0]]
         n, ch, h, w = x.shape
-        y = x[:, :, :, None, :, None].expand(n, ch, h, fh, w, fw).reshape(n, ch, h * fh, w * fw)
+        if x.stride(1) == 1 and ch > 1:  # NHWC in memory: repeat in that order, so the result is NHWC too
+            y = x.permute(0, 2, 3, 1)[:, :, None, :, None, :].expand(n, h, fh, w, fw, ch)
+            y = y.reshape(n, h * fh, w * fw, ch).permute(0, 3, 1, 2)
+        else:
+            y = x[:, :, :, None, :, None].expand(n, ch, h, fh, w, fw).reshape(n, ch, h * fh, w * fw)
         return y[..., a - r0 * fh:b - r0 * fh, c - c0 * fw:d - c0 * fw]
 
 

@@ -65,6 +65,8 @@ class BandedValue:
         v = node.meta["val"]
         self.shape, self.dtype, self.device = tuple(v.shape), dtype, device
         self.row_dim = 2 if layout_of(node) == NCHW else 1
+        # tiles compute NCHW images in NHWC memory (classify_tiling.channels_last): store them so
+        self.memory_format = torch.channels_last if self.row_dim == 2 and len(self.shape) == 4 else torch.contiguous_format
         self.layout = layout
         self.bands: list = [None] * len(layout)
 
@@ -72,7 +74,7 @@ class BandedValue:
         if self.bands[k] is None:
             shape = list(self.shape)
             shape[self.row_dim] = self.layout[k][1] - self.layout[k][0]
-            self.bands[k] = torch.empty(shape, dtype=self.dtype, device=self.device)
+            self.bands[k] = torch.empty(shape, dtype=self.dtype, device=self.device, memory_format=self.memory_format)
         return self.bands[k]
 
     def write(self, region, value: torch.Tensor, layout: str) -> None:
@@ -97,7 +99,7 @@ class BandedValue:
         # one copy, converting as it goes (not a cat in the storage dtype, then a conversion)
         shape = list(parts[0].shape)
         shape[self.row_dim] = sum(part.shape[self.row_dim] for part in parts)
-        out = torch.empty(shape, dtype=dtype, device=self.device)
+        out = torch.empty(shape, dtype=dtype, device=self.device, memory_format=self.memory_format)
         at = 0
         for part in parts:
             out.narrow(self.row_dim, at, part.shape[self.row_dim]).copy_(part)
@@ -105,7 +107,9 @@ class BandedValue:
         return out
 
     def full(self, dtype: torch.dtype, layout: str) -> torch.Tensor:
-        return self.read(((0, self.shape[self.row_dim]), (0, self.shape[self.row_dim + 1])), dtype, layout)
+        """The whole value in the standard layout (whole ops may view or reshape it)."""
+        whole = self.read(((0, self.shape[self.row_dim]), (0, self.shape[self.row_dim + 1])), dtype, layout)
+        return whole.contiguous()
 
     def free(self, k: int) -> None:
         self.bands[k] = None
@@ -119,19 +123,40 @@ def channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-(sample, channel) mean and population variance of ``x`` (N, C, h, w), in float64.
 
     ``var_mean`` over the last two dims of a strided crop is several times slower than ATen's
-    group-norm moments kernel, which needs contiguous input: the channels go through it in small
-    contiguous chunks, one group per channel (its output is discarded)."""
+    group-norm moments kernel, which needs contiguous input: ``x`` goes through it in small
+    contiguous chunks (of channels for NCHW memory, of rows for NHWC), one group per channel (its
+    output is discarded); row chunks are merged like tiles."""
     n, c, h, w = x.shape
-    chunk = max(1, MOMENTS_CHUNK_BYTES // (4 * h * w * n))
-    means, variances = [], []
-    for c0 in range(0, c, chunk):
-        part = x[:, c0:c0 + chunk]
-        part = part.contiguous() if part.dtype in (torch.float32, torch.float64) else part.float()
-        k = part.shape[1]
-        _, mean, rstd = torch.ops.aten.native_group_norm(part, None, None, n, k, h * w, k, 0.0)
-        means.append(mean.double())
-        variances.append(rstd.double().pow(-2))  # rstd = 1 / sqrt(var): inf (var 0) gives 0
-    return torch.cat(means, dim=1), torch.cat(variances, dim=1)
+    nhwc = x.stride(1) == 1 and c > 1
+    if not nhwc:
+        chunk = max(1, MOMENTS_CHUNK_BYTES // (4 * h * w * n))
+        parts = [_moments(x[:, c0:c0 + chunk], torch.contiguous_format) for c0 in range(0, c, chunk)]
+        return torch.cat([m for m, _ in parts], dim=1), torch.cat([v for _, v in parts], dim=1)
+    rows = max(1, MOMENTS_CHUNK_BYTES // (4 * w * c * n))
+    mean = m2 = None
+    count = 0
+    for r0 in range(0, h, rows):
+        part = x[:, :, r0:r0 + rows]
+        k = part.shape[2] * w
+        mean_k, var_k = _moments(part, torch.channels_last)
+        if mean is None:
+            mean, m2, count = mean_k, var_k * k, k
+            continue
+        total = count + k
+        delta = mean_k - mean
+        mean = mean + delta * (k / total)
+        m2 = m2 + var_k * k + delta ** 2 * (count * k / total)
+        count = total
+    return mean, m2 / count
+
+
+def _moments(part: torch.Tensor, memory_format) -> tuple[torch.Tensor, torch.Tensor]:
+    n, k, h, w = part.shape
+    part = part.to(torch.float32 if part.dtype != torch.float64 else part.dtype).contiguous(memory_format=memory_format)
+    if part.stride(0) != k * h * w:  # contiguous but for a size-1 batch's stride, which ATen's kernel checks
+        part = part.clone(memory_format=memory_format)
+    _, mean, rstd = torch.ops.aten.native_group_norm(part, None, None, n, k, h * w, k, 0.0)
+    return mean.double(), rstd.double().pow(-2)  # rstd = 1 / sqrt(var): inf (var 0) gives 0
 
 
 class NormStatistics:
