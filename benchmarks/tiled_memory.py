@@ -1,24 +1,31 @@
-"""Benchmark: patch-wise decoding in bounded memory (sigec tiles versus diffusers' enable_tiling).
+"""Benchmark: patch-wise execution in bounded memory (sigec tiles versus diffusers' enable_tiling).
 
-Each configuration runs in a fresh process: it builds the model (seeded random weights) and the
-input, compiles (not measured), then measures one call: the resident-set growth during the call
-(``/proc/self/status`` VmHWM after the peak is reset through ``/proc/self/clear_refs``, minus the
-resident set before it) and its wall-clock time. The parent compares every output with the
-untiled model's (PSNR with the untiled output's range as peak, and the largest absolute error).
+Cases (``--cases``): ``vae512`` and ``vae1024`` are the Stable Diffusion ``AutoencoderKL`` decoder
+(block_out_channels 128, 256, 512, 512; two layers per block; 32 groups; seeded random weights)
+on a 64x64 and a 128x128 latent, giving 512x512 and 1024x1024 images; ``church512`` is the DDPM
+church-256 UNet (one denoising step) on a 512x512 input. Every case runs untiled, then sigec
+with synchronized statistics at each ``--tiles`` grid (n x n), then, for the VAE cases,
+diffusers' ``enable_tiling()`` at the same tile sizes (``output / n`` pixels; 1x1 is diffusers'
+untiled decode, so it is skipped) and sigec with ``norm_stats="preview"`` at ``--preview-tiles``.
 
-Models (``--model``): ``vae`` is the Stable Diffusion ``AutoencoderKL`` decoder (block_out_channels
-128, 256, 512, 512; two layers per block; 32 groups; latent ``--latent`` x ``--latent`` -> 8x the
-pixels); ``church`` the DDPM church-256 UNet (one denoising step) at ``--resolution``.
+Each configuration runs in a fresh process: it builds the model and the input, compiles (not
+measured), then measures one call: the resident-set growth during the call (``/proc/self/status``
+VmHWM after the peak is reset through ``/proc/self/clear_refs``, minus the resident set before
+it) and its wall-clock time. With ``--profiler-memory`` a second call runs under
+``torch.profiler`` (``profile_memory=True``), whose allocation events give the peak of the
+tensors the CPU allocator holds (no oneDNN scratch, no allocator slack). The parent compares
+every output with the case's untiled output (PSNR with the untiled output's range as peak, and
+the largest absolute error). The sigec rows also give the plan's estimated peak.
 
-    python benchmarks/tiled_memory.py                          # SD VAE decoder, 1024x1024 output
-    python benchmarks/tiled_memory.py --latent 64              # 512x512 output
-    python benchmarks/tiled_memory.py --model church --resolution 512 --tiles 2
-    python benchmarks/tiled_memory.py --quick                  # small VAE, for tests
+    python benchmarks/tiled_memory.py                                # every case (about 30 min on 2 cores)
+    python benchmarks/tiled_memory.py --cases vae1024 --tiles 4      # the acceptance rows
+    python benchmarks/tiled_memory.py --quick                        # a small VAE, for tests
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -41,6 +48,7 @@ SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, laten
               sample_size=512)
 QUICK_VAE = dict(block_out_channels=(32, 64), layers_per_block=1, latent_channels=4, norm_num_groups=16,
                  sample_size=64)
+log = logging.getLogger("benchmarks.tiled_memory")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -95,6 +103,22 @@ def _reset_peak() -> bool:
         return False
 
 
+def _profiler_peak(call) -> int:
+    """Peak bytes the CPU allocator held during ``call()`` above its start, from the profiler's
+    allocation events (each op's own allocations minus frees, in start order)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = call()
+    del out
+    deltas = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
+    live = peak = 0
+    for _, delta in deltas:
+        live += delta
+        peak = max(peak, live)
+    return peak
+
+
 def worker(config: dict) -> dict:
     """Build, compile, then measure one call of the configuration ``config``."""
     torch.set_num_threads(config["threads"])
@@ -103,6 +127,7 @@ def worker(config: dict) -> dict:
     vae, inputs, module, pick = _build(config)
     kind = config["kind"]
     compile_s = 0.0
+    report = None
     if kind == "untiled":
         def call():
             return pick(vae.decode(*inputs).sample if config["model"] == "vae" else vae(*inputs))
@@ -140,8 +165,13 @@ def worker(config: dict) -> dict:
         times.append(time.perf_counter() - start)
         growth.append((_rss_kib("VmHWM") - before) * 1024 if exact else None)
     torch.save(out.detach().clone(), config["out"])
-    result = {"time_s": times, "peak_growth_bytes": growth, "compile_s": compile_s}
-    if kind == "sigec":
+    result = {"time_s": times, "peak_growth_bytes": growth, "compile_s": compile_s, "profiler_peak_bytes": None}
+    if config.get("profiler_memory"):
+        out = None
+        gc.collect()
+        with torch.no_grad():
+            result["profiler_peak_bytes"] = _profiler_peak(call)
+    if report is not None:
         result.update(estimated_peak_bytes=report.estimated_peak_bytes, untiled_estimate_bytes=report.untiled_peak_bytes,
                       estimated_work=report.estimated_macs / report.untiled_macs, phases=len(report.phases),
                       held=len(report.held), recomputed=len(report.recomputed), plan=str(report))
@@ -149,35 +179,38 @@ def worker(config: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# the parent: configurations, subprocesses, comparison
+# the parent: cases, configurations, subprocesses, comparison
+
+CASES = {"vae512": dict(model="vae", latent=64), "vae1024": dict(model="vae", latent=128),
+         "church512": dict(model="church", resolution=512)}
+QUICK_CASES = {"vae-quick": dict(model="vae", latent=16, small=True)}
 
 
-def configurations(args) -> list[dict]:
-    common = dict(model=args.model, threads=args.threads, repeats=args.repeats, small=args.quick,
-                  latent=args.latent, resolution=args.resolution)
-    out_px = _output_px(args)
+def configurations(case: dict, args) -> list[dict]:
+    common = dict(case, threads=args.threads, repeats=args.repeats, profiler_memory=args.profiler_memory)
+    out_px = output_px(case)
     configs = [dict(common, kind="untiled", name="untiled")]
     for t in args.tiles:
         configs.append(dict(common, kind="sigec", tiles=t, norm_stats="exact", cache_dtype=args.cache_dtype,
                             budget=args.budget_mib * 2**20 if args.budget_mib else None,
                             name=f"sigec {t}x{t} exact" + (f" (held {args.cache_dtype})" if args.cache_dtype else "")))
-    if args.model == "vae":
-        for t in args.preview_tiles:
-            configs.append(dict(common, kind="sigec", tiles=t, norm_stats="preview", cache_dtype=None,
-                                name=f"sigec {t}x{t} preview"))
+    if case["model"] == "vae":
         if not args.no_diffusers:
             for t in args.tiles:
                 if t > 1:
                     configs.append(dict(common, kind="diffusers", tile_px=out_px // t,
-                                        name=f"diffusers tiled {out_px // t}-px"))
+                                        name=f"diffusers tiled {out_px // t}-px ({t}x{t})"))
+        for t in args.preview_tiles:
+            configs.append(dict(common, kind="sigec", tiles=t, norm_stats="preview", cache_dtype=None,
+                                name=f"sigec {t}x{t} preview"))
     return configs
 
 
-def _output_px(args) -> int:
-    if args.model == "church":
-        return args.resolution
-    levels = len((QUICK_VAE if args.quick else SD_VAE)["block_out_channels"])
-    return args.latent * 2 ** (levels - 1)
+def output_px(case: dict) -> int:
+    if case["model"] == "church":
+        return case["resolution"]
+    levels = len((QUICK_VAE if case.get("small") else SD_VAE)["block_out_channels"])
+    return case["latent"] * 2 ** (levels - 1)
 
 
 def run_config(config: dict, folder: str) -> dict:
@@ -197,39 +230,16 @@ def _fmt_time(ts: list) -> str:
     return f"{med:.1f}" + (f" [{ts[0]:.1f},{ts[-1]:.1f}]" if len(ts) > 1 else "")
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", choices=("vae", "church"), default="vae")
-    p.add_argument("--latent", type=int, default=128, help="VAE latent size (output is 8x; default %(default)s)")
-    p.add_argument("--resolution", type=int, default=512, help="church UNet input size (default %(default)s)")
-    p.add_argument("--tiles", default="2,4", help="comma-separated grid sizes n (n x n tiles) for sigec exact and "
-                                                  "diffusers (default %(default)s)")
-    p.add_argument("--preview-tiles", default="4", help="grid sizes for sigec norm_stats='preview' (VAE only)")
-    p.add_argument("--cache-dtype", choices=sorted(DTYPES), default="float16",
-                   help="storage dtype of values held between phases (default %(default)s)")
-    p.add_argument("--budget-mib", type=int, default=None, help="cache_budget_bytes for sigec, in MiB")
-    p.add_argument("--no-diffusers", action="store_true", help="skip diffusers' enable_tiling")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=1, help="measured calls per configuration (same process)")
-    p.add_argument("--quick", action="store_true", help="a small VAE (latent 16), 2x2 tiles, for tests")
-    p.add_argument("--json", default="out/tiled_memory.json")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
-        return {}
-    if args.quick:
-        args.latent, args.resolution, args.tiles, args.preview_tiles, args.repeats = 16, 64, "2", "2", 1
-    try:
-        args.tiles = [int(t) for t in str(args.tiles).split(",") if t.strip()]
-        args.preview_tiles = [int(t) for t in str(args.preview_tiles).split(",") if t.strip()]
-    except ValueError:
-        p.error("--tiles and --preview-tiles take comma-separated integers")
+def _mib(b) -> str:
+    return f"{b / 2**20:.0f}" if b is not None else "-"
+
+
+def run_case(name: str, case: dict, args) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         reference = None
-        for config in configurations(args):
-            print(f"running {config['name']} ...", file=sys.stderr, flush=True)
+        for config in configurations(case, args):
+            log.info("%s: running %s ...", name, config["name"])
             r = run_config(config, folder)
             out = torch.load(r.pop("output_path"))
             if reference is None:
@@ -242,17 +252,65 @@ def main(argv: Optional[list[str]] = None) -> dict:
         g, b = r["peak_growth_bytes"][0], base["peak_growth_bytes"][0]
         r["memory_fraction"] = g / b if g is not None and b else None
         r["time_ratio"] = min(r["time_s"]) / min(base["time_s"])
-    head = f"{'decode':34s} {'peak MiB':>9s} {'of untiled':>10s} {'time s':>14s} {'x untiled':>9s} {'PSNR dB':>8s} {'max err':>9s}"
-    lines = [head, "-" * len(head)]
+    return rows
+
+
+def table(name: str, case: dict, rows: list[dict]) -> str:
+    px = output_px(case)
+    head = (f"{'run':36s} {'peak MiB':>9s} {'of untiled':>10s} {'est MiB':>8s} {'prof MiB':>8s} {'time s':>14s} "
+            f"{'x untiled':>9s} {'PSNR dB':>8s} {'max err':>9s}")
+    lines = [f"{name}: {case['model']} {px}x{px}", head, "-" * len(head)]
     for r in rows:
-        g = r["peak_growth_bytes"][0]
         frac = f"{r['memory_fraction']:.0%}" if r["memory_fraction"] is not None else "-"
-        lines.append(f"{r['name']:34s} {g / 2**20 if g is not None else float('nan'):9.0f} {frac:>10s} "
+        lines.append(f"{r['name']:36s} {_mib(r['peak_growth_bytes'][0]):>9s} {frac:>10s} "
+                     f"{_mib(r.get('estimated_peak_bytes')):>8s} {_mib(r.get('profiler_peak_bytes')):>8s} "
                      f"{_fmt_time(r['time_s']):>14s} {r['time_ratio']:9.2f} {r['psnr_db']:8.1f} {r['max_abs_err']:9.2e}")
-    print("\n".join(lines))
-    out_px = _output_px(args)
-    result = {"model": args.model, "output": [out_px, out_px], "threads": args.threads, "repeats": args.repeats,
-              "torch": torch.__version__, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "rows": rows}
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cases", default=",".join(CASES), help="comma-separated cases among "
+                                                            f"{', '.join(CASES)} (default: all)")
+    p.add_argument("--tiles", default="1,2,4", help="comma-separated grid sizes n (n x n tiles) for sigec exact and "
+                                                    "diffusers (default %(default)s)")
+    p.add_argument("--preview-tiles", default="4", help="grid sizes for sigec norm_stats='preview' (VAE cases only)")
+    p.add_argument("--cache-dtype", choices=sorted(DTYPES), default="float16",
+                   help="storage dtype of values held between phases (default %(default)s)")
+    p.add_argument("--budget-mib", type=int, default=None, help="cache_budget_bytes for sigec, in MiB")
+    p.add_argument("--no-diffusers", action="store_true", help="skip diffusers' enable_tiling")
+    p.add_argument("--profiler-memory", action="store_true",
+                   help="also measure one more call under torch.profiler (allocator peak; slower)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=1, help="measured calls per configuration (same process)")
+    p.add_argument("--quick", action="store_true", help="a small VAE (latent 16), 2x2 tiles, for tests")
+    p.add_argument("--json", default="out/tiled_memory.json")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return {}
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.quick:
+        cases = QUICK_CASES
+        args.tiles, args.preview_tiles, args.repeats, args.profiler_memory = "2", "2", 1, True
+    else:
+        names = [c.strip() for c in args.cases.split(",") if c.strip()]
+        unknown = [c for c in names if c not in CASES]
+        if unknown:
+            p.error(f"unknown case(s) {unknown}; choose among {', '.join(CASES)}")
+        cases = {c: CASES[c] for c in names}
+    try:
+        args.tiles = [int(t) for t in str(args.tiles).split(",") if t.strip()]
+        args.preview_tiles = [int(t) for t in str(args.preview_tiles).split(",") if t.strip()]
+    except ValueError:
+        p.error("--tiles and --preview-tiles take comma-separated integers")
+    result = {"threads": args.threads, "repeats": args.repeats, "torch": torch.__version__,
+              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "cases": {}}
+    for name, case in cases.items():
+        rows = run_case(name, case, args)
+        print(table(name, case, rows) + "\n", flush=True)
+        result["cases"][name] = {"model": case["model"], "output": [output_px(case)] * 2, "rows": rows}
     path = write_json(args.json, result)
     print(f"wrote {path}")
     return result

@@ -371,12 +371,16 @@ def test_benchmark_quick_mode(tmp_path):
 
     out = tmp_path / "tiled_memory.json"
     result = tiled_memory.main(["--quick", "--json", str(out)])
-    rows = {r["name"]: r for r in result["rows"]}
-    assert set(rows) >= {"untiled", "sigec 2x2 exact (held float16)", "sigec 2x2 preview"}
+    rows = {r["name"]: r for r in result["cases"]["vae-quick"]["rows"]}
+    assert list(rows) == ["untiled", "sigec 2x2 exact (held float16)", "diffusers tiled 16-px (2x2)", "sigec 2x2 preview"]
     assert rows["untiled"]["psnr_db"] == float("inf")
     assert rows["sigec 2x2 exact (held float16)"]["psnr_db"] > 60
-    assert all(r["peak_growth_bytes"][0] is None or r["peak_growth_bytes"][0] >= 0 for r in result["rows"])
-    assert json.loads(out.read_text())["rows"][1]["name"] == "sigec 2x2 exact (held float16)"
+    assert rows["sigec 2x2 exact (held float16)"]["psnr_db"] > rows["diffusers tiled 16-px (2x2)"]["psnr_db"]
+    assert all(r["peak_growth_bytes"][0] is None or r["peak_growth_bytes"][0] >= 0 for r in rows.values())
+    assert all(r["profiler_peak_bytes"] > 0 for r in rows.values())
+    assert rows["sigec 2x2 exact (held float16)"]["estimated_peak_bytes"] > 0
+    saved = json.loads(out.read_text())["cases"]["vae-quick"]["rows"]
+    assert [r["name"] for r in saved] == list(rows)
 
 
 def test_sigec_dump_tiles(capsys):
