@@ -14,7 +14,7 @@ Cuts and schedules::
     FasterDiffusion()                      # encoder skips + mid-block output; the paper's DDIM-50 key steps
     Reuse(cut=["up_blocks.0", "up_blocks.1"], schedule=4)           # module names, uniform interval
     Reuse(cut=[...], schedule=[0, 1, 2, 5, 9])                      # explicit key steps
-    Reuse(cut=[...], schedule="auto")      # key steps chosen from measured feature change rates
+    Reuse(cut=[...], schedule="auto")      # key steps placed where reuse was measured to hurt least
 
 **Step index.** ``engine.step(i)`` sets it explicitly (for the calls that follow, until the next
 ``step``). Otherwise it comes from the scheduler given to ``sigec.compile``: its ``step_index``
@@ -54,15 +54,14 @@ import logging
 import math
 import re
 import threading
-import weakref
 from typing import Any, Hashable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch.fx import GraphModule, Node
-from torch.fx._pytree import tree_flatten_spec
 from torch.utils import _pytree as pytree
 
+from sigec import inputs
 from sigec.capture import capture
 from sigec.engine import EngineError
 from sigec.macs import node_macs
@@ -141,12 +140,15 @@ class KeySteps:
 
 @dataclasses.dataclass(frozen=True)
 class Auto:
-    """Key steps chosen from the cut values' change rates, measured on a first (all key) trajectory.
+    """Key steps chosen from errors measured on a first trajectory, which runs every step in full.
 
-    As many key steps as ``Uniform(interval)`` uses (so the same MACs), placed to minimise the
-    accumulated change of the reused values: each partial step costs the relative change of the
-    cut values summed since its key step, and a dynamic program places the key steps (the Block
-    Caching idea of measuring change rates, with an exact placement).
+    As many key steps as ``Uniform(interval)`` uses (so the same MACs), placed where reuse hurts
+    least. At each step ``j`` of the calibration trajectory the partial graph also runs with the cut
+    values of each of the ``window`` previous steps ``k``: ``E[k, j]``, the relative error of the
+    model's output if step ``j`` reused key step ``k``, is measured, not guessed from feature change
+    rates alone (the Block Caching idea, made direct). Each error is weighted by how much of the
+    model's output the sampler carries into the next latent (``step_weights``), and a dynamic
+    program places the key steps to minimise the weighted sum over the partial steps.
     """
 
     interval: int = 3
@@ -157,40 +159,70 @@ class Auto:
     def budget(self, num_steps: int) -> int:
         return len(Uniform(self.interval).key_steps(num_steps))
 
+    @property
+    def window(self) -> int:
+        """How many steps back a partial step may reach for its key step (the calibration runs the
+        partial graph that many times per step)."""
+        return 2 * self.interval + 2
 
-def choose_key_steps(change: Sequence[float], budget: int) -> frozenset:
-    """Key steps (``budget`` of them, step 0 included) minimising the summed staleness.
 
-    ``change[r]`` is the relative change of the cut values from step ``r - 1`` to step ``r``
-    (``change[0]`` is ignored). A partial step ``j`` reusing key step ``k`` costs
-    ``change[k+1] + ... + change[j]``.
+def step_weights(scheduler, timesteps: Sequence[float]) -> list[float]:
+    """How strongly an error in the model's output at each of ``timesteps`` moves the next latent.
+
+    For a sampler over ``scheduler.alphas_cumprod`` (DDIM, DDPM, PNDM, DPM-Solver, Euler: the
+    deterministic update they share to first order), writing ``a`` for alpha-bar and
+    ``s = sqrt((1 - a) / a)``, a noise-prediction error ``e`` at step ``j`` moves the next latent
+    by ``sqrt(a[j+1]) * (s[j] - s[j+1]) * e`` (the step after the last reaches the clean sample,
+    ``a = 1``). Errors at early, noisy steps move the latent far more than late ones. Without
+    ``alphas_cumprod`` every step weighs 1.
     """
-    n = len(change)
+    alphas = getattr(scheduler, "alphas_cumprod", None)
+    if alphas is None:
+        return [1.0] * len(timesteps)
+    last = len(alphas) - 1
+    abar = [float(alphas[min(max(int(round(float(t))), 0), last)]) for t in timesteps] + [1.0]
+    ratio = [math.sqrt((1 - a) / a) if a > 0 else float("inf") for a in abar]
+    return [math.sqrt(abar[j + 1]) * abs(ratio[j] - ratio[j + 1]) if math.isfinite(ratio[j]) else 1.0
+            for j in range(len(timesteps))]
+
+
+def choose_key_steps(stale_error: dict, num_steps: int, budget: int,
+                     weights: Optional[Sequence[float]] = None) -> frozenset:
+    """Key steps (``budget`` of them, step 0 included) minimising the weighted error of reuse.
+
+    ``stale_error[(k, j)]`` is the error of step ``j``'s output when it reuses key step ``k``'s cut
+    values; pairs that are missing cannot be chosen. A placement costs the sum, over its partial
+    steps ``j``, of ``weights[j] * stale_error[(k, j)]`` with ``k`` the last key step before ``j``;
+    a dynamic program finds the cheapest exactly.
+    """
+    n = num_steps
     if budget >= n:
         return frozenset(range(n))
-    drift = [0.0] * n  # accumulated change since step 0
-    for r in range(1, n):
-        drift[r] = drift[r - 1] + float(change[r])
-    prefix = [0.0] * (n + 1)
-    for r in range(n):
-        prefix[r + 1] = prefix[r] + drift[r]
-
-    def segment(a: int, b: int) -> float:  # key at a reused by steps a+1..b
-        return (prefix[b + 1] - prefix[a + 1]) - (b - a) * drift[a]
-
+    w = list(weights) if weights is not None else [1.0] * n
     inf = float("inf")
+    # segment[a][b]: cost of steps a+1..b reusing a key at a
+    segment = [[inf] * n for _ in range(n)]
+    for a in range(n):
+        total = 0.0
+        segment[a][a] = 0.0
+        for b in range(a + 1, n):
+            total += w[b] * stale_error.get((a, b), inf)
+            segment[a][b] = total
     # best[c][a]: cost of steps a..n-1 with a key at a and c more keys after it
-    best = [[segment(a, n - 1) for a in range(n)]]
+    best = [[segment[a][n - 1] for a in range(n)]]
     choice: list[list[int]] = [[-1] * n]
     for c in range(1, budget):
         row, pick = [inf] * n, [-1] * n
         for a in range(n):
             for b in range(a + 1, n):
-                cost = segment(a, b - 1) + best[c - 1][b]
+                cost = segment[a][b - 1] + best[c - 1][b]
                 if cost < row[a]:
                     row[a], pick[a] = cost, b
         best.append(row)
         choice.append(pick)
+    if not math.isfinite(best[budget - 1][0]):
+        raise EngineError(f"no placement of {budget} key steps in {n} steps keeps every partial step within the "
+                          "measured reuse window")
     keys, a = [0], 0
     for c in range(budget - 1, 0, -1):
         a = choice[c][a]
@@ -542,9 +574,9 @@ class _Trajectory:
     num_steps: Optional[int]         # its length (None: unknown, explicit steps without a count)
     timesteps: Any = None            # the scheduler's timesteps tensor when it began
     keys: Optional[frozenset] = None  # key steps (relative), when the schedule gives them up front
-    calibrating: bool = False         # an Auto schedule measuring change rates on this trajectory
-    change: list = dataclasses.field(default_factory=list)
-    previous_cut: Optional[list] = None
+    calibrating: bool = False         # an Auto schedule measuring reuse errors on this trajectory
+    recent_cuts: list = dataclasses.field(default_factory=list)  # (step, cut values) of the last steps
+    stale_error: dict = dataclasses.field(default_factory=dict)  # (key step, step) -> relative output error
     pending: dict = dataclasses.field(default_factory=dict)  # batched partial results by absolute index
     history: list = dataclasses.field(default_factory=list)  # (relative step, FULL | PARTIAL)
 
@@ -581,12 +613,15 @@ class TemporalEngine(torch.nn.Module):
         self._timestep_pos = self._find_timestep()
         self._stream_pos = [i for i in range(len(self._examples))
                             if i not in self._latent_pos and i != self._timestep_pos]
-        self._watched = [(name, t) for name, t in
+        # the model's own parameters and buffers, as the graphs read them; where each lives in the
+        # user's model (weakly: the engine must not own the model nor become its parent module)
+        self._watched = [(name, t, id(t)) for name, t in
                          list(graph_module.named_parameters()) + list(graph_module.named_buffers())]
-        self._identity = [(name, id(t), t.dtype, t.device) for name, t in self._watched]
-        # a weak reference: the engine must not own the user's model (nor become its parent module)
-        self._source = weakref.ref(source) if source is not None else (lambda: None)
+        self._placement = [(t.dtype, t.device) for _, t, _ in self._watched]
+        self._owners = inputs.owners(source, [name for name, _, _ in self._watched]) if source is not None else []
         self._device = self._watched[0][1].device if self._watched else None
+        self._cut_dtypes = [n.meta["val"].dtype for n in self.partial.graph.nodes
+                            if n.op == "placeholder"][len(self._examples):]
         self._lock = threading.RLock()
         self._explicit: Optional[tuple[int, Optional[int]]] = None
         self._streams: dict[Hashable, _Trajectory] = {}
@@ -732,12 +767,7 @@ class TemporalEngine(torch.nn.Module):
         return "\n".join(lines)
 
     def _apply(self, fn, recurse=True):
-        if self._watched:
-            probe = self._watched[0][1]
-            moved = fn(probe)
-            if moved.dtype != probe.dtype or moved.device != probe.device:
-                raise EngineError(f"a compiled engine cannot move from {probe.dtype} on {probe.device}: its graphs "
-                                  "are specialized to both. Move the model and call sigec.compile again")
+        inputs.refuse_move(self._watched[0][1] if getattr(self, "_watched", None) else None, fn, EngineError)
         return super()._apply(fn, recurse)
 
     # -- calling ------------------------------------------------------------------------------
@@ -746,38 +776,14 @@ class TemporalEngine(torch.nn.Module):
             return self._call(args, kwargs, mask, self._explicit)
 
     def _check_identity(self) -> None:
-        for (name, t), (_, ident, dtype, device) in zip(self._watched, self._identity):
-            if t.dtype != dtype or t.device != device:
-                raise EngineError(f"the model was moved after compile ({name!r} is now {t.dtype} on {t.device}): "
-                                  "call sigec.compile again")
-        source = self._source()
-        if source is not None:
-            current = dict(source.named_parameters())
-            for name, ident, _, _ in self._identity:
-                if name in current and id(current[name]) != ident:
-                    raise EngineError(f"parameter {name!r} was replaced by a new tensor after compile; the compiled "
-                                      "graphs still read the old one: call sigec.compile again")
+        inputs.check_identity(self._watched, self._placement, self._owners, EngineError)
 
     def _flatten(self, args, kwargs) -> list:
-        try:
-            flat = tree_flatten_spec((args, kwargs), self._in_spec)
-        except Exception as exc:
-            raise EngineError(f"the call's arguments do not match the example inputs' structure "
-                              f"({self.input_names}): {exc}") from exc
-        for name, value, example in zip(self.input_names, flat, self._examples):
-            if isinstance(example, torch.Tensor):
-                if not isinstance(value, torch.Tensor):
-                    raise EngineError(f"input {name!r} must be a tensor, got {type(value).__name__}")
-                if self._device is not None and value.device != self._device:
-                    raise EngineError(f"input {name!r} is on {value.device} but the engine's weights are on "
-                                      f"{self._device}")
-                if tuple(value.shape) != tuple(example.shape) or value.dtype != example.dtype:
-                    raise EngineError(f"input {name!r} has shape {tuple(value.shape)} and dtype {value.dtype}, but "
-                                      f"the engine was compiled for {tuple(example.shape)} and {example.dtype}")
-        return list(flat)
+        return inputs.flatten_inputs(args, kwargs, self._in_spec, self.input_names, self._examples, self._device,
+                                     EngineError)
 
     def _state_versions(self) -> tuple:
-        return tuple((t.data_ptr(), t._version) for _, t in self._watched)
+        return inputs.state_versions(self._watched)
 
     def _scheduler_index(self, flat: list, previous: Optional[int]) -> int:
         s = self.scheduler
@@ -890,29 +896,37 @@ class TemporalEngine(torch.nn.Module):
         stored = [c.to(self.cache_dtype) if self.cache_dtype is not None and c.is_floating_point() else c for c in cut]
         self.store.put(("cut", stream), Slot([], stored, [], str(stream), self._state_versions()))
         if trajectory.calibrating:
-            self._measure(trajectory, step, cut)
+            self._measure(trajectory, step, flat, outputs, cut)
         return outputs
 
-    def _measure(self, trajectory: _Trajectory, step: int, cut: list) -> None:
-        """Record the relative change of the cut values (the 'auto' schedule's calibration)."""
-        if trajectory.previous_cut is not None and step == len(trajectory.change):
-            num = sum(float((c.double() - p.double()).pow(2).sum()) for c, p in zip(cut, trajectory.previous_cut))
-            den = sum(float(p.double().pow(2).sum()) for p in trajectory.previous_cut)
-            trajectory.change.append(math.sqrt(num / den) if den > 0 else 0.0)
-        elif step == 0:
-            trajectory.change = [0.0]
-        trajectory.previous_cut = [c.clone() for c in cut]
+    def _measure(self, trajectory: _Trajectory, step: int, flat: list, outputs: list, cut: list) -> None:
+        """The 'auto' schedule's calibration: the error of this step's outputs had it reused the cut
+        values of each recent step (one partial run each), then, at the last step, the key steps."""
+        if step != (trajectory.recent_cuts[-1][0] + 1 if trajectory.recent_cuts else 0):
+            trajectory.calibrating = False  # steps were skipped: this trajectory cannot calibrate
+            log.warning("the 'auto' calibration trajectory skipped steps; it will calibrate on the next one")
+            return
+        reference = torch.cat([o.detach().reshape(-1).double() for o in outputs if isinstance(o, torch.Tensor)])
+        scale = float(reference.norm()) or 1.0
+        for k, old in trajectory.recent_cuts:
+            reused = list(self.partial(*flat, *old))
+            got = torch.cat([o.detach().reshape(-1).double() for o in reused if isinstance(o, torch.Tensor)])
+            trajectory.stale_error[(k, step)] = float((got - reference).norm()) / scale
+        trajectory.recent_cuts.append((step, [c.clone() for c in cut]))
+        del trajectory.recent_cuts[:-self.schedule.window]
         n = trajectory.num_steps
-        if n is not None and len(trajectory.change) == n:
-            keys = choose_key_steps(trajectory.change, self.schedule.budget(n))
+        if n is not None and step == n - 1:
+            timesteps = trajectory.timesteps if trajectory.timesteps is not None else getattr(self.scheduler,
+                                                                                           "timesteps", None)
+            weights = (step_weights(self.scheduler, timesteps[trajectory.start:trajectory.start + n].tolist())
+                       if timesteps is not None else None)
+            keys = choose_key_steps(trajectory.stale_error, n, self.schedule.budget(n), weights)
             self._auto_keys[n] = keys
-            trajectory.calibrating, trajectory.previous_cut = False, None
-            log.info("auto schedule for %d steps: key steps %s (change rates %s)", n, sorted(keys),
-                     [round(c, 4) for c in trajectory.change])
+            trajectory.calibrating, trajectory.recent_cuts = False, []
+            log.info("auto schedule for %d steps: key steps %s", n, sorted(keys))
 
     def _widen(self, slot: Slot) -> list:
-        dtypes = [n.meta["val"].dtype for n in self.partial.graph.nodes if n.op == "placeholder"][len(self._examples):]
-        return [c.to(d) if c.dtype != d else c for c, d in zip(slot.caches, dtypes)]
+        return [c.to(d) if c.dtype != d else c for c, d in zip(slot.caches, self._cut_dtypes)]
 
     def _run_partial(self, flat: list, slot: Slot, trajectory: _Trajectory, index: int, mask) -> list:
         cut = self._widen(slot)

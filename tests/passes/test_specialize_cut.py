@@ -162,7 +162,7 @@ def test_check_specialization_catches_a_wrong_partial_graph():
         check_specialization(gm, spec)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
 @given(net=random_nets(), data=st.data())
 def test_random_cuts_reproduce_the_model(net, data):
     """For any cut of a random conv net, the partial graph fed the full graph's cut values gives the
