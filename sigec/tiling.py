@@ -26,7 +26,7 @@ from sigec.passes.classify_tiling import TileKind
 from sigec.passes.schedule_tiles import (TileGrid, TilePlan, TilingContext, TilingError, halos, resolution,
                                          untiled_estimate)
 from sigec.plan import SpatialKind
-from sigec.runtime.tiled import NormStatistics, TiledRunner
+from sigec.runtime.tiled import NormStatistics, TiledRunner, release_freed_memory
 from sigec.settings import CompileSettings
 
 log = logging.getLogger("sigec.tiling")
@@ -123,7 +123,9 @@ class TiledModule(torch.nn.Module):
     def forward(self, *args, **kwargs) -> Any:
         flat = self._flatten(args, kwargs)
         with torch.no_grad():
-            self._runner.norm_stats = self._preview(flat) if self._preview is not None else None
+            if self._preview is not None:
+                self._runner.norm_stats = self._preview(flat)
+                release_freed_memory()  # the preview pass's buffers, before the tiles need memory
             try:
                 out = self._runner.run(flat)
             finally:
