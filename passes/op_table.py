@@ -35,6 +35,7 @@ from torch.fx import Node
 
 from sigec import meta_keys as K
 from sigec.runtime import attention as _attention  # noqa: F401  (registers torch.ops.sigec.attention)
+from sigec.runtime import ops as _ops  # noqa: F401  (registers torch.ops.sigec.conv_windows)
 from sigec.runtime import masks as M
 
 aten = torch.ops.aten
@@ -178,7 +179,7 @@ def _conv_call(node: Node, windows, spec: WindowSpec):
     _, stride, _, dilation = _conv_params(node)
     groups = node.args[8] if node.target == aten.convolution.default else arg(node, 6, "groups", 1)
     bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    return aten.conv2d.default, (windows, node.args[1], bias, list(stride), [0, 0], list(dilation), groups), {}
+    return torch.ops.sigec.conv_windows.default, (windows, node.args[1], bias, list(stride), list(dilation), groups), {}
 
 
 _CONV = LocalRule(

@@ -18,11 +18,13 @@ Layout conventions shared by every op:
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 ACTIVATIONS = ("none", "silu", "relu", "leaky_relu", "gelu", "gelu_tanh", "sigmoid", "tanh")
 
@@ -314,6 +316,47 @@ def _(x, num_groups, weight, bias, eps):
     return x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.float32)
 
 
+#: Output positions (blocks x pixels per block) up to which ``conv_windows`` runs as one matrix
+#: product: oneDNN reorders the weight on every call, which dominates with few outputs.
+GEMM_MAX_OUTPUTS = 256
+
+
+@torch.library.custom_op("sigec::conv_windows", mutates_args=())
+def conv_windows(windows: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[int],
+                 dilation: list[int], groups: int) -> Tensor:
+    """``conv2d(windows, weight, bias, stride, padding=0, dilation, groups)`` on gathered windows,
+    contiguous NCHW. With few output positions (``GEMM_MAX_OUTPUTS``) and one group it is an
+    im2col matrix product against the weight as it is stored (no per-call weight reorder)."""
+    nb, c, wh, ww = windows.shape
+    co, _, kh, kw = weight.shape
+    oh = (wh - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (ww - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    if groups != 1 or list(dilation) != [1, 1] or windows.device.type != "cpu" or nb * oh * ow > GEMM_MAX_OUTPUTS:
+        return F.conv2d(windows, weight, bias, stride, 0, dilation, groups).contiguous()
+    # (nb, C, oh, ow, kh, kw) views of the windows, copied once as (nb*oh*ow, C*kh*kw) rows
+    # (F.unfold's im2col is an order of magnitude slower on CPU)
+    patches = windows.unfold(2, kh, stride[0]).unfold(3, kw, stride[1])
+    cols = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * kh * kw)
+    matrix = weight.reshape(co, -1).t()
+    out = torch.addmm(bias, cols, matrix) if bias is not None else cols @ matrix
+    return out.view(nb, oh, ow, co).permute(0, 3, 1, 2).contiguous()
+
+
+@conv_windows.register_fake
+def _(windows, weight, bias, stride, dilation, groups):
+    nb, _, wh, ww = windows.shape
+    co, _, kh, kw = weight.shape
+    oh = (wh - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (ww - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return windows.new_empty((nb, co, oh, ow))
+
+
+@register_flop_formula(torch.ops.sigec.conv_windows)
+def _conv_windows_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    """What ``FlopCounterMode`` counts for ``conv_windows``: two FLOPs per multiply-accumulate."""
+    return 2 * math.prod(out_shape) * math.prod(w_shape[1:])
+
+
 #: The pure-PyTorch implementation of each op that has a native kernel (csrc/): the oracle the
 #: native kernels are tested against, and what runs when they are not built.
 REFERENCE_KERNELS = {
@@ -336,5 +379,6 @@ ALL_OPS = {
     "residual_add": torch.ops.sigec.residual_add.default,
     "affine_act": torch.ops.sigec.affine_act.default,
     "tile_blocks": torch.ops.sigec.tile_blocks.default,
+    "conv_windows": torch.ops.sigec.conv_windows.default,
     "norm_affine": torch.ops.sigec.norm_affine.default,
 }

@@ -53,6 +53,7 @@ _FORMULAS = {
     aten.baddbmm.default: _matmul,
     aten.scaled_dot_product_attention.default: _sdpa,
     torch.ops.sigec.attention.default: _attention,
+    torch.ops.sigec.conv_windows.default: _conv,
     torch.ops.sigec.attention_blocks.default: _attention,
 }
 

@@ -114,6 +114,21 @@ def test_empty_block_lists():
     assert torch.equal(sigec.scatter(torch.zeros(0, 2, 4, 4), x, none, [4, 4]), x)
 
 
+@pytest.mark.parametrize("blocks,kernel,stride,dilation,groups,bias", [
+    (3, 3, 1, 1, 1, True), (3, 1, 1, 1, 1, False), (2, 3, 2, 1, 1, True), (2, 3, 1, 2, 1, True),
+    (2, 3, 1, 1, 2, True), (300, 3, 1, 1, 1, True),  # grouped, and past GEMM_MAX_OUTPUTS: oneDNN
+])
+def test_conv_windows_is_conv2d_without_padding(blocks, kernel, stride, dilation, groups, bias):
+    torch.manual_seed(0)
+    windows = torch.randn(blocks, 4, 8, 8)
+    weight = torch.randn(6, 4 // groups, kernel, kernel)
+    b = torch.randn(6) if bias else None
+    out = sigec.conv_windows(windows, weight, b, [stride] * 2, [dilation] * 2, groups)
+    expected = torch.nn.functional.conv2d(windows, weight, b, stride, 0, dilation, groups)
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
 def _opcheck_samples():
     x = torch.randn(2, 4, 9, 9)
     xcl = x.to(memory_format=torch.channels_last)
@@ -136,6 +151,8 @@ def _opcheck_samples():
         (sigec.affine_act.default, (xcl, scale, shift, "leaky_relu", 0.2)),
         (sigec.tile_blocks.default, (torch.randn(2, 4, 1, 1), blocks)),
         (sigec.norm_affine.default, (x, 2, torch.randn(4), None, 1e-5)),
+        (sigec.conv_windows.default, (torch.randn(4, 4, 6, 6), torch.randn(3, 4, 3, 3), torch.randn(3), [1, 1], [1, 1], 1)),
+        (sigec.conv_windows.default, (xcl, torch.randn(3, 4, 3, 3), None, [2, 2], [1, 1], 1)),
     ]
 
 
