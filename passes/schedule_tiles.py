@@ -671,7 +671,32 @@ def _choose_holds(gm, ctx: TilingContext, sched, forced, stats_of, outputs) -> t
     else:
         chosen = min(path, key=lambda e: e[1] * e[2])
         why = "the plan with the smallest estimated time x peak memory"
-    return chosen[0], why, path
+    limit = chosen[2] if budget is None else budget
+    dropped = _hold_again(gm, ctx, sched, forced, stats_of, outputs, chosen[0], limit)
+    if dropped != chosen[0]:
+        plan = _evaluate(gm, ctx, sched, dropped, forced, stats_of, outputs, representative=True)
+        path.append((set(dropped), plan.estimated_macs, plan.estimated_peak_bytes))
+    return dropped, why, path
+
+
+def _hold_again(gm, ctx, sched, forced, stats_of, outputs, dropped: set, peak: int) -> set:
+    """The greedy drops a value live at the peak of its time; a later drop in another phase can
+    lower the peak below what that earlier drop was for. Hold such values again, most expensive
+    recomputation first, as long as the estimated peak stays at most ``peak`` (the chosen plan's,
+    or the budget)."""
+    base = _evaluate(gm, ctx, sched, dropped, forced, stats_of, outputs, representative=True).estimated_macs
+    saving = {}
+    for v in dropped:
+        if _recompute_is_free(v):
+            continue
+        trial = _evaluate(gm, ctx, sched, dropped - {v}, forced, stats_of, outputs, representative=True)
+        if trial.estimated_macs < base:
+            saving[v] = base - trial.estimated_macs
+    for v in sorted(saving, key=lambda n: (-saving[n], n.name)):
+        trial = _evaluate(gm, ctx, sched, dropped - {v}, forced, stats_of, outputs, representative=True)
+        if trial.estimated_peak_bytes <= peak:
+            dropped = dropped - {v}
+    return dropped
 
 
 def _readers(plan: TilePlan, v: Node) -> set:
