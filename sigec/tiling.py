@@ -247,6 +247,8 @@ class TileReport:
     untiled_macs: float
     choice: str
     whole_threshold: int
+    #: the preview pass's own estimated peak (``norm_stats="preview"``; it runs before the tiles)
+    preview_peak_bytes: int = 0
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -292,9 +294,13 @@ class TileReport:
                 lines.append(f"  {len(names):4d} x {why}: {_names(names)}")
         ratio = self.estimated_peak_bytes / self.untiled_peak_bytes if self.untiled_peak_bytes else float("nan")
         work = self.estimated_macs / self.untiled_macs if self.untiled_macs else float("nan")
+        preview = (f", the larger of the tiles' and the preview pass's {self.preview_peak_bytes / 2**20:.1f} MiB"
+                   if self.preview_peak_bytes else "")
         lines.append(f"estimated peak memory: {self.estimated_peak_bytes / 2**20:.1f} MiB "
-                     f"(untiled {self.untiled_peak_bytes / 2**20:.1f} MiB, {ratio:.0%}); estimated work "
+                     f"(untiled {self.untiled_peak_bytes / 2**20:.1f} MiB, {ratio:.0%}{preview}); estimated work "
                      f"{work:.2f}x untiled")
+        lines.append("  (the estimate counts tensors: values, held bands, padded and NHWC input copies; not the "
+                     "allocator's slack, oneDNN's weight reorders and scratch, or the Python heap)")
         return "\n".join(lines)
 
 
@@ -326,9 +332,10 @@ def build_tile_report(module: TiledModule) -> TileReport:
         old = by_res.get(res, (0, 0))
         by_res[res] = (max(old[0], h[0]), max(old[1], h[1]))
     cost, peak = untiled_estimate(gm)
+    preview_peak = untiled_estimate(module._preview.captured.gm)[1] if module._preview is not None else 0
     return TileReport(grid, ctx.norm_stats, [(t, grid.owned(grid.output, t)) for t in grid.tiles()], phases, held,
-                      sorted(v.name for v in plan.dropped), whole, by_res, plan.estimated_peak_bytes, peak,
-                      plan.estimated_macs, cost, plan.choice, ctx.whole_threshold)
+                      sorted(v.name for v in plan.dropped), whole, by_res, max(plan.estimated_peak_bytes, preview_peak),
+                      peak, plan.estimated_macs, cost, plan.choice, ctx.whole_threshold, preview_peak)
 
 
 
