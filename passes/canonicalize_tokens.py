@@ -84,6 +84,31 @@ def _swaps_last_two(node: Node) -> bool:
     return node.target == aten.permute.default and [int(d) % 3 for d in node.args[1]] == [0, 2, 1]
 
 
+def _matmul_operands(node: Node) -> Optional[tuple[Node, Node, bool]]:
+    """``(a, b, b_transposed)`` of a batched matrix product of 3-D values: ``bmm``/``matmul``, or an
+    ``einsum`` such as ``"bic,bcj->bij"`` (``b`` as is) or ``"bic,bjc->bij"`` (``b`` transposed)."""
+    if node.target in (aten.bmm.default, aten.matmul.default):
+        a, b = node.args[:2]
+        if len(_shape(a) or ()) == 3 and len(_shape(b) or ()) == 3:
+            return a, b, False
+        return None
+    if node.target != aten.einsum.default or len(node.args[1]) != 2:
+        return None
+    equation = node.args[0].replace(" ", "")
+    inputs, _, out = equation.partition("->")
+    lhs = inputs.split(",")
+    if len(lhs) != 2 or any(len(x) != 3 for x in (*lhs, out)) or not (lhs[0][0] == lhs[1][0] == out[0]):
+        return None
+    (batch, row, inner), other = lhs[0], lhs[1]
+    if out[1] != row or len({batch, row, inner, out[2]}) != 4:
+        return None
+    if other == batch + inner + out[2]:
+        return node.args[1][0], node.args[1][1], False
+    if other == batch + out[2] + inner:
+        return node.args[1][0], node.args[1][1], True
+    return None
+
+
 class _Rewriter:
     def __init__(self, gm: GraphModule):
         self.gm = gm
@@ -137,6 +162,9 @@ class _Rewriter:
     def _rewrite(self, node: Node) -> bool:
         """Rewrite one node whose operands include a recognised value; False when it cannot."""
         t = node.target
+        product = _matmul_operands(node)
+        if product is not None:
+            return self._product(node, *product)
         first = node.args[0] if node.args and isinstance(node.args[0], Node) else None
         if first in self.images:
             image = self.images[first]
@@ -147,8 +175,6 @@ class _Rewriter:
                 other = CHANNELS if image.kind == TOKENS else TOKENS
                 self.images[node] = _Image(self._make(node, aten.permute.default, (image.node, order)), other, image.hw)
                 return True
-            if t == aten.bmm.default:
-                return self._scores(node, image)
         if first in self.heads:
             return self._heads_op(node, self.heads[first])
         if first in self.scores:
@@ -215,11 +241,24 @@ class _Rewriter:
             return True
         return False
 
-    def _scores(self, node: Node, query: _Image) -> bool:
-        key = node.args[1]
-        if query.kind != TOKENS or key not in self.images or self.images[key].kind != CHANNELS:
+    def _product(self, node: Node, a: Node, b: Node, b_transposed: bool) -> bool:
+        """``q @ k`` (scores: the keys' channels meet the queries') or ``softmax(scores) @ v``."""
+        if b not in self.images:
             return False
-        self.scores[node] = _Scores(query, self.images[key], 1.0, probs=False)
+        other = self.images[b]
+        if a in self.images and self.images[a].kind == TOKENS:
+            if other.kind != (TOKENS if b_transposed else CHANNELS):
+                return False
+            self.scores[node] = _Scores(self.images[a], other, 1.0, probs=False)
+            return True
+        scores = self.scores.get(a)
+        if scores is None or not scores.probs or other.kind != (CHANNELS if b_transposed else TOKENS):
+            return False
+        query = self._as_tokens_image(node, scores.query)
+        key = self._as_tokens_image(node, scores.key)
+        value = self._as_tokens_image(node, other)
+        out = self._make(node, torch.ops.sigec.attention.default, (query, key, value, 1, scores.scale))
+        self.images[node] = _Image(out, TOKENS, scores.query.hw)
         return True
 
     def _scores_op(self, node: Node, scores: _Scores) -> bool:
@@ -230,14 +269,6 @@ class _Rewriter:
             return True
         if not scores.probs and t in _SOFTMAX and int(node.args[1]) % 3 == 2:
             self.scores[node] = dataclasses.replace(scores, probs=True)
-            return True
-        value = node.args[1] if t == aten.bmm.default else None
-        if scores.probs and value in self.images:
-            query = self._as_tokens_image(node, scores.query)
-            key = self._as_tokens_image(node, scores.key)
-            v = self._as_tokens_image(node, self.images[value])
-            out = self._make(node, torch.ops.sigec.attention.default, (query, key, v, 1, scores.scale))
-            self.images[node] = _Image(out, TOKENS, scores.query.hw)
             return True
         return False
 

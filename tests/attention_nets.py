@@ -68,11 +68,14 @@ class TransformerNet(nn.Module):
 
 
 class HandWrittenAttention(nn.Module):
-    """The DDPM 16x16 attention block: 1x1 convs to q, k, v, ``softmax(q k / sqrt(C)) v`` with
-    ``bmm``, 1x1 conv out, residual."""
+    """The DDPM 16x16 attention block: 1x1 convs to q, k, v, ``softmax(q k / sqrt(C)) v``, 1x1 conv
+    out, residual. ``form`` writes the products with ``bmm``, ``@`` or two styles of ``einsum``."""
 
-    def __init__(self, channels: int = 16):
+    FORMS = ("bmm", "matmul", "einsum", "einsum-keys-as-tokens")
+
+    def __init__(self, channels: int = 16, form: str = "bmm"):
         super().__init__()
+        self.form = form
         self.norm = nn.GroupNorm(4, channels)
         self.q, self.k, self.v = (nn.Conv2d(channels, channels, 1) for _ in range(3))
         self.proj_out = nn.Conv2d(channels, channels, 1)
@@ -82,17 +85,26 @@ class HandWrittenAttention(nn.Module):
         y = self.norm(x)
         q = self.q(y).reshape(n, c, h * w).permute(0, 2, 1)  # (N, L, C)
         k = self.k(y).reshape(n, c, h * w)  # (N, C, L)
-        weights = torch.softmax(torch.bmm(q, k) * c ** -0.5, dim=2)
         v = self.v(y).reshape(n, c, h * w).permute(0, 2, 1)
-        out = torch.bmm(weights, v).permute(0, 2, 1).reshape(n, c, h, w)
-        return x + self.proj_out(out)
+        if self.form == "bmm":
+            weights = torch.softmax(torch.bmm(q, k) * c ** -0.5, dim=2)
+            out = torch.bmm(weights, v)
+        elif self.form == "matmul":
+            out = (q @ k / c ** 0.5).softmax(-1) @ v
+        elif self.form == "einsum":
+            weights = torch.einsum("bic,bcj->bij", q, k).mul(c ** -0.5).softmax(dim=-1)
+            out = torch.einsum("bij,bjc->bic", weights, v)
+        else:
+            weights = torch.einsum("bic,bjc->bij", q, k.transpose(1, 2)).mul(c ** -0.5).softmax(dim=-1)
+            out = torch.einsum("bij,bcj->bic", weights, v.transpose(1, 2))
+        return x + self.proj_out(out.permute(0, 2, 1).reshape(n, c, h, w))
 
 
 class HandWrittenNet(nn.Module):
-    def __init__(self, channels: int = 16):
+    def __init__(self, channels: int = 16, form: str = "bmm"):
         super().__init__()
         self.conv_in = nn.Conv2d(3, channels, 3, padding=1)
-        self.attn = HandWrittenAttention(channels)
+        self.attn = HandWrittenAttention(channels, form)
         self.conv_out = nn.Conv2d(channels, 3, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

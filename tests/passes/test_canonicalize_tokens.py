@@ -4,7 +4,7 @@ import torch
 from sigec.capture import capture, copy_graph_module
 from sigec.passes import PassContext, canonicalize_tokens
 from sigec.settings import CompileSettings
-from tests.attention_nets import HandWrittenNet, PooledTokens, TransformerNet
+from tests.attention_nets import HandWrittenAttention, HandWrittenNet, PooledTokens, TransformerNet
 from tests.passes.helpers import nodes_by_target
 
 aten = torch.ops.aten
@@ -42,13 +42,14 @@ def test_rewritten_nodes_keep_their_module_paths():
     assert len(paths) == 3 and all("block.norm" in p for p in paths)
 
 
-def test_hand_written_bmm_softmax_attention_is_recognised():
+@pytest.mark.parametrize("form", HandWrittenAttention.FORMS)
+def test_hand_written_softmax_attention_is_recognised(form):
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 8)
-    before, after = _rewritten(HandWrittenNet(), (x,))
+    before, after = _rewritten(HandWrittenNet(form=form), (x,))
     (call,) = nodes_by_target(after, attention)
     assert call.args[3] == 1 and call.args[4] == pytest.approx(16 ** -0.5)
-    assert not nodes_by_target(after, aten.bmm.default)
+    assert not any(nodes_by_target(after, op) for op in (aten.bmm.default, aten.matmul.default, aten.einsum.default))
     torch.testing.assert_close(after(x), before(x), rtol=1e-5, atol=1e-5)
 
 
