@@ -148,7 +148,7 @@ class Auto:
     model's output if step ``j`` reused key step ``k``, is measured, not guessed from feature change
     rates alone (the Block Caching idea, made direct). Each error is weighted by how much of the
     model's output the sampler carries into the next latent (``step_weights``), and a dynamic
-    program places the key steps to minimise the weighted sum over the partial steps.
+    program places the key steps (``choose_key_steps``).
     """
 
     interval: int = 3
@@ -188,26 +188,28 @@ def step_weights(scheduler, timesteps: Sequence[float]) -> list[float]:
 
 def choose_key_steps(stale_error: dict, num_steps: int, budget: int,
                      weights: Optional[Sequence[float]] = None) -> frozenset:
-    """Key steps (``budget`` of them, step 0 included) minimising the weighted error of reuse.
+    """Key steps (``budget`` of them, step 0 included) minimising the estimated error of the result.
 
     ``stale_error[(k, j)]`` is the error of step ``j``'s output when it reuses key step ``k``'s cut
-    values; pairs that are missing cannot be chosen. A placement costs the sum, over its partial
-    steps ``j``, of ``weights[j] * stale_error[(k, j)]`` with ``k`` the last key step before ``j``;
-    a dynamic program finds the cheapest exactly.
+    values; pairs that are missing cannot be chosen. The partial steps that reuse one key step err
+    the same way (the same stale features), so their weighted errors add up; the errors of different
+    key steps are independent, so they add in quadrature. A placement therefore costs
+    ``sum over key steps k of (sum over its partial steps j of weights[j] * stale_error[(k, j)]) ** 2``,
+    and a dynamic program finds the cheapest exactly.
     """
     n = num_steps
     if budget >= n:
         return frozenset(range(n))
     w = list(weights) if weights is not None else [1.0] * n
     inf = float("inf")
-    # segment[a][b]: cost of steps a+1..b reusing a key at a
+    # segment[a][b]: squared error of steps a+1..b reusing a key at a
     segment = [[inf] * n for _ in range(n)]
     for a in range(n):
         total = 0.0
         segment[a][a] = 0.0
         for b in range(a + 1, n):
             total += w[b] * stale_error.get((a, b), inf)
-            segment[a][b] = total
+            segment[a][b] = total * total
     # best[c][a]: cost of steps a..n-1 with a key at a and c more keys after it
     best = [[segment[a][n - 1] for a in range(n)]]
     choice: list[list[int]] = [[-1] * n]

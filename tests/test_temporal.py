@@ -352,9 +352,10 @@ def test_choose_key_steps_is_optimal_within_the_window_and_follows_the_weights()
     # apart than the window were not measured
     error = {(k, j): sum(rate[k + 1:j + 1]) for k in range(n) for j in range(k + 1, min(n, k + window + 1))}
 
-    def cost(keys, weights):
-        return sum(weights[j] * error.get((max(k for k in keys if k < j), j), float("inf"))
-                   for j in range(n) if j not in keys)
+    def cost(keys, weights):  # per key step, its partial steps' weighted errors summed, then squared
+        keys = sorted(keys)
+        return sum(sum(weights[j] * error.get((k, j), float("inf")) for j in range(k + 1, end)) ** 2
+                   for k, end in zip(keys, keys[1:] + [n]))
 
     for weights in ([1.0] * n, [3.0, 3.0, 2.0, 2.0, 1.0, 1.0, 0.5, 0.5, 0.2, 0.1]):
         for budget in (2, 3, 4):
