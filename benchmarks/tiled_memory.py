@@ -278,7 +278,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                                                             f"{', '.join(CASES)} (default: all)")
     p.add_argument("--tiles", default="1,2,4", help="comma-separated grid sizes n (n x n tiles) for sigec exact and "
                                                     "diffusers (default %(default)s)")
-    p.add_argument("--preview-tiles", default="4", help="grid sizes for sigec norm_stats='preview' (VAE cases only)")
+    p.add_argument("--preview-tiles", default="4,8", help="grid sizes for sigec norm_stats='preview' (VAE cases only)")
     p.add_argument("--cache-dtype", choices=sorted(DTYPES), default=None,
                    help="storage dtype of values held between phases (default: float16 for the VAE, float32 for "
                         "the church UNet)")

@@ -7,7 +7,8 @@ per-tile programs of every phase and the memory and cost estimates). Reads ``SPA
 The algorithm, in order:
 
 1. **Whole resolutions.** A resolution whose largest value is at most ``whole_below_bytes``
-   (default: the largest value of the model divided by the number of tiles) runs untiled:
+   (default: the largest value of the model divided by the number of tiles, or by at most 16
+   with preview statistics, which are least accurate at low resolutions) runs untiled:
    tiles there would be smaller than one tile's share of memory and pay only overhead. GLOBAL
    values (attention, reductions over space) also run whole; every other value is *tiled*.
    A tiled value whose op has no tiling rule is an error that names every such op.
@@ -51,6 +52,9 @@ Region = tuple[tuple[int, int], tuple[int, int]]
 #: held values are stored in row bands, this many per tile row, so a value read for the last time
 #: is freed band by band while the next one is written
 BANDS_PER_TILE_ROW = 4
+#: with preview statistics, resolutions whose largest value is within this share of the model's
+#: largest run whole (exact statistics) at any grid
+PREVIEW_WHOLE_SHARES = 16
 #: the elementwise work of one output element, in multiply-accumulates (memory-bound ops cost
 #: about this many MACs per element on CPU); only used to rank plans
 ELEMENT_COST = 20.0
@@ -310,7 +314,12 @@ def _modes(gm: GraphModule, ctx: TilingContext, promoted: dict) -> dict:
             by_res[res] = max(by_res.get(res, 0), value_bytes(n))
     threshold = ctx.whole_below_bytes
     if threshold is None:
-        threshold = max(by_res.values(), default=0) // ctx.grid.n_tiles
+        shares = ctx.grid.n_tiles
+        if ctx.norm_stats == "preview":
+            # whole resolutions keep exact statistics, and the preview's statistics drift most at
+            # low resolutions: finer grids do not push those into tiles
+            shares = min(shares, PREVIEW_WHOLE_SHARES)
+        threshold = max(by_res.values(), default=0) // shares
     whole_res = {res for res, b in by_res.items() if b <= threshold}
     modes, untileable = {}, []
     for n in nodes:
