@@ -7,7 +7,8 @@ steps, and with ``DeepCache.DeepCacheSDHelper`` patching the model. The loops ad
 lockstep, one step of each in turn, so that the changing load of a shared machine falls on all of
 them alike. It prints one table: loop time (the sum of the loop's step times, median [min, max]
 over ``--repeats`` rounds), MACs per loop counted from the graphs, the MAC ratio and speed-up
-over the dense loop, their quotient (how much of the MAC cut the wall clock keeps), and the final
+over the dense loop (each round's ratio, as its loops shared one load; median [min, max]), their
+quotient (how much of the MAC cut the wall clock keeps), and the final
 latent's PSNR against the dense loop. The MACs of every graph are cross-checked with
 ``torch.utils.flop_counter.FlopCounterMode``. FasterDiffusion's key steps are defined for DDIM-50,
 so ``--fd-steps 50`` times it (against its own dense loop) at that length.
@@ -253,7 +254,6 @@ def _time_group(case: Case, variants: dict, engines: dict, scheduler, steps: int
             times[name].append(sum(sec for _, sec in per_step))
             for kind, sec in per_step:
                 step_times[name][kind].append(sec)
-    dense_t = statistics.median(times["dense"])
     rows = []
     for name in variants:
         row = {"variant": name, "steps": steps, "macs_per_loop": loop_macs(name),
@@ -265,7 +265,10 @@ def _time_group(case: Case, variants: dict, engines: dict, scheduler, steps: int
             row["max_abs_diff_vs_sigec"] = float((finals[name] - twin).abs().max())
         if timing:
             t = times[name]
-            row.update(loop_s=[statistics.median(t), min(t), max(t)], speedup=dense_t / statistics.median(t))
+            # the speed-up of each round (its variants ran in lockstep, under the same load), then the median
+            ratios = [d / v for d, v in zip(times["dense"], t)]
+            row.update(loop_s=[statistics.median(t), min(t), max(t)], speedup=statistics.median(ratios),
+                       speedup_range=[min(ratios), max(ratios)])
             # per-step medians: a lower-noise comparison of equal work (sigec vs the package)
             row.update({f"{kind}_step_s": statistics.median(v) if v else None for kind, v in step_times[name].items()})
             row["wall_over_mac_ratio"] = row["speedup"] / row["mac_ratio"]
@@ -283,13 +286,15 @@ def _step(t: Optional[float]) -> str:
 
 def format_table(result: dict) -> str:
     head = (f"{'variant':32s} {'steps':>5s} {'GMACs/loop':>10s} {'MAC ratio':>9s} {'loop s [min, max]':>22s} "
-            f"{'speedup':>8s} {'wall/MAC':>8s} {'full step s':>11s} {'partial s':>9s} {'PSNR dB':>8s}")
+            f"{'speedup [min, max]':>20s} {'wall/MAC':>8s} {'full step s':>11s} {'partial s':>9s} {'PSNR dB':>8s}")
     lines = [f"{result['model']}: DDIM loop, latent {'x'.join(map(str, result['latent']))}", head, "-" * len(head)]
     for r in result["rows"]:
         speed = f"{r['speedup']:.2f}x" if "speedup" in r else "-"
+        if "speedup_range" in r and r["speedup_range"][0] != r["speedup_range"][1]:
+            speed += " [{:.2f}, {:.2f}]".format(*r["speedup_range"])
         eff = f"{r['wall_over_mac_ratio']:.0%}" if "wall_over_mac_ratio" in r else "-"
         lines.append(f"{r['variant']:32s} {r['steps']:>5d} {r['macs_per_loop'] / 1e9:>10.1f} {r['mac_ratio']:>8.2f}x "
-                     f"{_s(r.get('loop_s')):>22s} {speed:>8s} {eff:>8s} {_step(r.get('full_step_s')):>11s} "
+                     f"{_s(r.get('loop_s')):>22s} {speed:>20s} {eff:>8s} {_step(r.get('full_step_s')):>11s} "
                      f"{_step(r.get('partial_step_s')):>9s} {r['psnr_vs_dense_db']:>8.1f}")
     checks = ", ".join(f"{k} {v['ratio']:.4f}" for k, v in result["flop_counter_check"].items())
     lines.append(f"MACs sigec / FlopCounterMode: {checks}")
