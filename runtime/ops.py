@@ -318,7 +318,7 @@ def _(x, num_groups, weight, bias, eps):
 
 #: Output positions (blocks x pixels per block) up to which ``conv_windows`` runs as one matrix
 #: product: oneDNN reorders the weight on every call, which dominates with few outputs.
-GEMM_MAX_OUTPUTS = 256
+GEMM_MAX_OUTPUTS = 1024
 
 
 @torch.library.custom_op("sigec::conv_windows", mutates_args=())
