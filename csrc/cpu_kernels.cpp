@@ -226,15 +226,39 @@ void check_blocks(const Tensor& base, const Tensor& blocks, const Tensor& indice
               "sigec.scatter_: blocks must be (nb * N, C, block rows, block columns)");
 }
 
+// Channels-last blocks into a channels-last base (token values, LayerNorm and linear on NHWC
+// views): each block row is one run of cols * C values in both, so it is copied with memcpy.
+template <typename scalar_t>
+void scatter_rows_kernel(Tensor& base, const Tensor& blocks, const int64_t* idx, int64_t nb, int64_t bh, int64_t bw) {
+  const int64_t n = base.size(0), c = base.size(1), h = base.size(2), w = base.size(3);
+  scalar_t* dst = base.data_ptr<scalar_t>();
+  const scalar_t* src = blocks.data_ptr<scalar_t>();
+  at::parallel_for(0, nb * n * bh, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / (n * bh), s = (task / bh) % n, r = task % bh;
+      const int64_t row = idx[2 * b] * bh + r, col0 = idx[2 * b + 1] * bw;
+      if (row >= h) continue;
+      const int64_t cols = std::min(bw, w - col0);
+      std::memcpy(dst + ((s * h + row) * w + col0) * c, src + (((b * n + s) * bh + r) * bw) * c,
+                  cols * c * sizeof(scalar_t));
+    }
+  });
+}
+
 void scatter_(Tensor base, const Tensor& blocks_in, const Tensor& indices, at::IntArrayRef block) {
   check_blocks(base, blocks_in, indices, block);
   TORCH_CHECK_VALUE(base.is_contiguous() || channels_last(base),
               "sigec.scatter_ writes into NCHW-contiguous or channels-last tensors; got strides ", base.strides());
   if (indices.size(0) == 0) return;
-  const Tensor blocks = blocks_in.to(base.scalar_type()).contiguous();
   const Tensor idx = indices.contiguous();
+  const bool rows = channels_last(base) && channels_last(blocks_in) && blocks_in.scalar_type() == base.scalar_type();
+  const Tensor blocks = rows ? blocks_in : blocks_in.to(base.scalar_type()).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, base.scalar_type(), "sigec_scatter_", [&] {
-    scatter_kernel<scalar_t>(base, blocks, idx.data_ptr<int64_t>(), idx.size(0), block[0], block[1]);
+    if (rows) {
+      scatter_rows_kernel<scalar_t>(base, blocks, idx.data_ptr<int64_t>(), idx.size(0), block[0], block[1]);
+    } else {
+      scatter_kernel<scalar_t>(base, blocks, idx.data_ptr<int64_t>(), idx.size(0), block[0], block[1]);
+    }
   });
 }
 

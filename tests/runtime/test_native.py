@@ -60,9 +60,10 @@ def test_gather_cat_matches_reference(activation, dtype):
     _assert_same(sigec.gather_cat(xs, *args), REFERENCE_KERNELS["gather_cat"](xs, *args), dtype)
 
 
-@pytest.mark.parametrize("dtype,layout,batch", itertools.product(DTYPES, LAYOUTS, [1, 2]))
-def test_inplace_scatter_and_fused_gather_match_reference(dtype, layout, batch):
-    blocks = torch.randn(len(INDICES) * batch, 5, 4, 4).to(dtype)
+@pytest.mark.parametrize("dtype,layout,batch,blocks_layout", itertools.product(DTYPES, LAYOUTS, [1, 2], LAYOUTS))
+def test_inplace_scatter_and_fused_gather_match_reference(dtype, layout, batch, blocks_layout):
+    # channels-last blocks into a channels-last base take the row-copy kernel
+    blocks = torch.randn(len(INDICES) * batch, 5, 4, 4).to(dtype).to(memory_format=blocks_layout)
     native_base, reference_base = _full(batch, dtype, layout), None
     reference_base = native_base.clone()
     sigec.scatter_(native_base, blocks, INDICES, [4, 4])
