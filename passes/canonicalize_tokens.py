@@ -77,6 +77,11 @@ def _shape(node) -> Optional[tuple]:
     return tuple(int(d) for d in v.shape) if v is not None else None
 
 
+def _swaps_heads(node: Node) -> bool:
+    """``transpose(x, 1, 2)`` of a 4-D value: ``(N, L, heads, d)`` <-> ``(N, heads, L, d)``."""
+    return node.target == aten.transpose.int and {int(node.args[1]) % 4, int(node.args[2]) % 4} == {1, 2}
+
+
 def _swaps_last_two(node: Node) -> bool:
     """``transpose(x, 1, 2)`` / ``permute(x, [0, 2, 1])`` of a 3-D value."""
     if node.target == aten.transpose.int:
@@ -117,8 +122,9 @@ class _Rewriter:
         self.images: dict[Node, _Image] = {}
         self.heads: dict[Node, _Heads] = {}
         self.scores: dict[Node, _Scores] = {}
-        #: attention outputs in head form, waiting for the merge of heads: node -> 4-D output
-        self.merging: dict[Node, tuple[Node, int]] = {}
+        #: attention outputs in head form, waiting for the merge of heads: node -> (4-D output,
+        #: whether the heads are already transposed back to ``(N, L, heads, d)``)
+        self.merging: dict[Node, tuple[Node, bool]] = {}
         self.rewritten = 0
 
     # -- building nodes ----------------------------------------------------------------------
@@ -195,21 +201,20 @@ class _Rewriter:
         return False
 
     def _heads_op(self, node: Node, heads: _Heads) -> bool:
-        if node.target == aten.transpose.int and {int(node.args[1]) % 4, int(node.args[2]) % 4} == {1, 2}:
+        if _swaps_heads(node):
             self.heads[node] = dataclasses.replace(heads, transposed=not heads.transposed)
             return True
         if node.target == aten.scaled_dot_product_attention.default and heads.transposed:
             return self._sdpa(node, heads)
         return False
 
-    def _key_tokens(self, origin: Node, key: Node, heads: int) -> Node:
+    def _key_tokens(self, origin: Node, key: Node) -> Node:
         """A key or value operand of sdpa as ``(N, S, C)`` or an image ``(N, H, W, C)``."""
         if key in self.heads and self.heads[key].transposed:
             source = self.heads[key].tokens
             return self._as_tokens_image(origin, self.images[source]) if source in self.images else source
-        split = key.args[0] if key.target == aten.transpose.int else None
-        if split is not None and {int(key.args[1]) % 4, int(key.args[2]) % 4} == {1, 2} \
-                and split.target in _RESHAPES and len(_shape(split.args[0]) or ()) == 3:
+        split = key.args[0] if _swaps_heads(key) else None
+        if split is not None and split.target in _RESHAPES and len(_shape(split.args[0]) or ()) == 3:
             return split.args[0]  # transpose(view(k3, [N, S, heads, d]), 1, 2): read k3
         n, h, s, d = _shape(key)
         merged = self._make(origin, aten.transpose.int, (key, 1, 2))
@@ -222,21 +227,21 @@ class _Rewriter:
         if q.tokens not in self.images or arg(node, 7, "enable_gqa", False):
             return False
         query = self._as_tokens_image(node, self.images[q.tokens])
-        key = self._key_tokens(node, node.args[1], q.heads)
-        value = self._key_tokens(node, node.args[2], q.heads)
+        key = self._key_tokens(node, node.args[1])
+        value = self._key_tokens(node, node.args[2])
         out = self._make(node, torch.ops.sigec.attention.default,
                          (query, key, value, q.heads, arg(node, 6, "scale", None)))
-        self.merging[node] = (out, q.heads)
+        self.merging[node] = (out, False)
         return True
 
     def _merge(self, node: Node) -> bool:
         """transpose(attention, 1, 2) then reshape(.., [N, L, C]): the tokens of the output."""
-        out, heads = self.merging[node.args[0]]
-        if node.target == aten.transpose.int and {int(node.args[1]) % 4, int(node.args[2]) % 4} == {1, 2}:
-            self.merging[node] = (out, -heads)  # negative: heads merged next
+        out, heads_last = self.merging[node.args[0]]
+        if not heads_last and _swaps_heads(node):
+            self.merging[node] = (out, True)
             return True
         shape = _shape(node)
-        if heads < 0 and node.target in _RESHAPES and shape is not None and len(shape) == 3:
+        if heads_last and node.target in _RESHAPES and shape is not None and len(shape) == 3:
             self.images[node] = _Image(out, TOKENS, tuple(_shape(out)[1:3]))
             return True
         return False

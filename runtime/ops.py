@@ -321,16 +321,21 @@ def _(x, num_groups, weight, bias, eps):
 GEMM_MAX_OUTPUTS = 1024
 
 
+def _conv_output_hw(windows: Tensor, weight: Tensor, stride: list[int], dilation: list[int]) -> tuple[int, int]:
+    """Output size of an unpadded convolution of ``windows``."""
+    return tuple((size - d * (k - 1) - 1) // s + 1
+                 for size, k, s, d in zip(windows.shape[2:], weight.shape[2:], stride, dilation))
+
+
 @torch.library.custom_op("sigec::conv_windows", mutates_args=())
 def conv_windows(windows: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[int],
                  dilation: list[int], groups: int) -> Tensor:
     """``conv2d(windows, weight, bias, stride, padding=0, dilation, groups)`` on gathered windows,
     contiguous NCHW. With few output positions (``GEMM_MAX_OUTPUTS``) and one group it is an
     im2col matrix product against the weight as it is stored (no per-call weight reorder)."""
-    nb, c, wh, ww = windows.shape
+    nb, c, _, _ = windows.shape
     co, _, kh, kw = weight.shape
-    oh = (wh - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    ow = (ww - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    oh, ow = _conv_output_hw(windows, weight, stride, dilation)
     if groups != 1 or list(dilation) != [1, 1] or windows.device.type != "cpu" or nb * oh * ow > GEMM_MAX_OUTPUTS:
         return F.conv2d(windows, weight, bias, stride, 0, dilation, groups).contiguous()
     # (nb, C, oh, ow, kh, kw) views of the windows, copied once as (nb*oh*ow, C*kh*kw) rows
@@ -344,10 +349,8 @@ def conv_windows(windows: Tensor, weight: Tensor, bias: Optional[Tensor], stride
 
 @conv_windows.register_fake
 def _(windows, weight, bias, stride, dilation, groups):
-    nb, _, wh, ww = windows.shape
-    co, _, kh, kw = weight.shape
-    oh = (wh - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    ow = (ww - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    oh, ow = _conv_output_hw(windows, weight, stride, dilation)
+    nb, co = windows.shape[0], weight.shape[0]
     return windows.new_empty((nb, co, oh, ow))
 
 

@@ -102,25 +102,24 @@ def ddim_scheduler(config: Optional[dict] = None):
 
 
 # -- the VAE halves as modules sigec can compile ---------------------------------------------------
-class VaeEncoder(torch.nn.Module):
-    """``image in [-1, 1] -> scaled latent`` (the mean of the latent distribution times the scaling factor)."""
+class _VaeHalf(torch.nn.Module):
+    """A wrapper around one half of an ``AutoencoderKL`` (the VAE itself is in eval mode)."""
 
     def __init__(self, vae: torch.nn.Module):
         super().__init__()
         self.vae = vae
-        self.training = False  # a wrapper: the VAE itself is in eval mode
+        self.training = False
+
+
+class VaeEncoder(_VaeHalf):
+    """``image in [-1, 1] -> scaled latent`` (the mean of the latent distribution times the scaling factor)."""
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.vae.encode(image).latent_dist.mean * self.vae.config.scaling_factor
 
 
-class VaeDecoder(torch.nn.Module):
+class VaeDecoder(_VaeHalf):
     """``scaled latent -> image`` (about [-1, 1])."""
-
-    def __init__(self, vae: torch.nn.Module):
-        super().__init__()
-        self.vae = vae
-        self.training = False  # a wrapper: the VAE itself is in eval mode
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         return self.vae.decode(latents / self.vae.config.scaling_factor).sample
@@ -383,22 +382,22 @@ class DiffusionEditor:
         return target if mask is None else torch.where(mask, x, target)
 
     def _encode(self, image: torch.Tensor, engine_mask: Optional[torch.Tensor], dense: bool) -> torch.Tensor:
-        if self.vae is None:
-            return image
-        if dense:
-            with torch.no_grad():
-                return self._encoder(image)
-        with self.engines["vae_encoder"].slot("encode"):
-            return self.engines["vae_encoder"](image, mask=engine_mask)
+        return self._vae_half("encoder", "encode", self._encoder, image, engine_mask, dense)
 
     def _decode(self, latents: torch.Tensor, engine_mask: Optional[torch.Tensor], dense: bool) -> torch.Tensor:
+        return self._vae_half("decoder", "decode", self._decoder, latents, engine_mask, dense)
+
+    def _vae_half(self, half: str, slot: str, module, x: torch.Tensor, engine_mask: Optional[torch.Tensor],
+                  dense: bool) -> torch.Tensor:
+        """One VAE half on ``x``: the plain module (``dense``) or its engine, in its one slot."""
         if self.vae is None:
-            return latents
+            return x
         if dense:
             with torch.no_grad():
-                return self._decoder(latents)
-        with self.engines["vae_decoder"].slot("decode"):
-            return self.engines["vae_decoder"](latents, mask=engine_mask)
+                return module(x)
+        engine = self.engines[f"vae_{half}"]
+        with engine.slot(slot):
+            return engine(x, mask=engine_mask)
 
     def _check_image(self, image) -> torch.Tensor:
         if self.vae is None:
