@@ -350,6 +350,62 @@ Tensor affine_act(const Tensor& x_in, const Tensor& scale, const Tensor& shift, 
   return x_in.is_contiguous() ? out : out.contiguous(x_in.suggest_memory_format());
 }
 
+// ------------------------------------------------------------------------------------------
+// im2col of gathered windows (the GEMM path of sigec.conv_windows)
+
+// Rows are output positions (block, row, column) and columns (channel, kernel row, kernel column),
+// the order of a convolution weight reshaped to (C_out, C * kh * kw). One task per output row of
+// a block: its window planes stay in cache while the rows are written front to back.
+// KH and KW are the kernel size when known at compile time (3x3 and 1x1: fully unrolled), else 0.
+template <typename scalar_t, int KH, int KW>
+void im2col_kernel(const Tensor& windows, int64_t kh_, int64_t kw_, int64_t sh, int64_t sw, int64_t oh, int64_t ow,
+                   Tensor& cols) {
+  const int64_t kh = KH ? KH : kh_, kw = KW ? KW : kw_;
+  const int64_t nb = windows.size(0), c = windows.size(1), wh = windows.size(2), ww = windows.size(3);
+  const int64_t plane = wh * ww, row_len = c * kh * kw;
+  const scalar_t* src = windows.data_ptr<scalar_t>();
+  scalar_t* dst = cols.data_ptr<scalar_t>();
+  at::parallel_for(0, nb * oh, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / oh, oy = task % oh;
+      const scalar_t* window = src + b * c * plane + oy * sh * ww;
+      scalar_t* row = dst + task * ow * row_len;
+      for (int64_t ox = 0; ox < ow; ++ox) {
+        const scalar_t* corner = window + ox * sw;
+        for (int64_t ch = 0; ch < c; ++ch, corner += plane) {
+          for (int64_t ky = 0; ky < kh; ++ky) {
+            const scalar_t* line = corner + ky * ww;
+            for (int64_t kx = 0; kx < kw; ++kx) *row++ = line[kx];
+          }
+        }
+      }
+    }
+  });
+}
+
+Tensor im2col(const Tensor& windows_in, at::IntArrayRef kernel, at::IntArrayRef stride) {
+  TORCH_CHECK_VALUE(windows_in.dim() == 4, "sigec.im2col: windows must be 4-D (nb, C, rows, columns)");
+  TORCH_CHECK_VALUE(kernel.size() == 2 && stride.size() == 2, "sigec.im2col: kernel and stride take two values");
+  TORCH_CHECK_VALUE(kernel[0] >= 1 && kernel[1] >= 1 && stride[0] >= 1 && stride[1] >= 1,
+                    "sigec.im2col: kernel and stride must be positive");
+  const Tensor windows = windows_in.contiguous();
+  const int64_t oh = (windows.size(2) - kernel[0]) / stride[0] + 1, ow = (windows.size(3) - kernel[1]) / stride[1] + 1;
+  TORCH_CHECK_VALUE(oh >= 1 && ow >= 1, "sigec.im2col: windows of ", windows.size(2), "x", windows.size(3),
+                    " are smaller than the kernel ", kernel[0], "x", kernel[1]);
+  Tensor cols = at::empty({windows.size(0) * oh * ow, windows.size(1) * kernel[0] * kernel[1]}, windows.options());
+  if (cols.numel() == 0) return cols;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, windows.scalar_type(), "sigec_im2col", [&] {
+    if (kernel[0] == 3 && kernel[1] == 3) {
+      im2col_kernel<scalar_t, 3, 3>(windows, 3, 3, stride[0], stride[1], oh, ow, cols);
+    } else if (kernel[0] == 1 && kernel[1] == 1) {
+      im2col_kernel<scalar_t, 1, 1>(windows, 1, 1, stride[0], stride[1], oh, ow, cols);
+    } else {
+      im2col_kernel<scalar_t, 0, 0>(windows, kernel[0], kernel[1], stride[0], stride[1], oh, ow, cols);
+    }
+  });
+  return cols;
+}
+
 }  // namespace
 }  // namespace sigec
 
@@ -360,4 +416,5 @@ TORCH_LIBRARY_IMPL(sigec, CPU, m) {
   m.impl("scatter_gather_", &sigec::scatter_gather_);
   m.impl("residual_add", &sigec::residual_add);
   m.impl("affine_act", &sigec::affine_act);
+  m.impl("im2col", &sigec::im2col);
 }

@@ -327,21 +327,37 @@ def _conv_output_hw(windows: Tensor, weight: Tensor, stride: list[int], dilation
                  for size, k, s, d in zip(windows.shape[2:], weight.shape[2:], stride, dilation))
 
 
+def im2col_reference(windows: Tensor, kernel: list[int], stride: list[int]) -> Tensor:
+    """The ``(nb*oh*ow, C*kh*kw)`` matrix of the kernel positions of unpadded windows: rows are
+    output positions (block, row, column), columns follow a weight reshaped to ``(C_out, -1)``."""
+    (kh, kw), c = kernel, windows.shape[1]
+    # (nb, C, oh, ow, kh, kw) views, copied once (F.unfold's im2col is an order of magnitude slower)
+    patches = windows.unfold(2, kh, stride[0]).unfold(3, kw, stride[1])
+    return patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * kh * kw).contiguous()
+
+
+im2col = torch.library.custom_op("sigec::im2col", mutates_args=())(im2col_reference)
+
+
+@im2col.register_fake
+def _(windows, kernel, stride):
+    (kh, kw), (sh, sw) = kernel, stride
+    oh, ow = (windows.shape[2] - kh) // sh + 1, (windows.shape[3] - kw) // sw + 1
+    return windows.new_empty((windows.shape[0] * oh * ow, windows.shape[1] * kh * kw))
+
+
 @torch.library.custom_op("sigec::conv_windows", mutates_args=())
 def conv_windows(windows: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[int],
                  dilation: list[int], groups: int) -> Tensor:
     """``conv2d(windows, weight, bias, stride, padding=0, dilation, groups)`` on gathered windows,
     contiguous NCHW. With few output positions (``GEMM_MAX_OUTPUTS``) and one group it is an
     im2col matrix product against the weight as it is stored (no per-call weight reorder)."""
-    nb, c, _, _ = windows.shape
+    nb = windows.shape[0]
     co, _, kh, kw = weight.shape
     oh, ow = _conv_output_hw(windows, weight, stride, dilation)
     if groups != 1 or list(dilation) != [1, 1] or windows.device.type != "cpu" or nb * oh * ow > GEMM_MAX_OUTPUTS:
         return F.conv2d(windows, weight, bias, stride, 0, dilation, groups).contiguous()
-    # (nb, C, oh, ow, kh, kw) views of the windows, copied once as (nb*oh*ow, C*kh*kw) rows
-    # (F.unfold's im2col is an order of magnitude slower on CPU)
-    patches = windows.unfold(2, kh, stride[0]).unfold(3, kw, stride[1])
-    cols = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * kh * kw)
+    cols = torch.ops.sigec.im2col(windows, [kh, kw], list(stride))
     matrix = weight.reshape(co, -1).t()
     out = torch.addmm(bias, cols, matrix) if bias is not None else cols @ matrix
     return out.view(nb, oh, ow, co).permute(0, 3, 1, 2).contiguous()
@@ -369,6 +385,7 @@ REFERENCE_KERNELS = {
     "scatter_gather_": scatter_gather_inplace_reference,
     "residual_add": residual_add_reference,
     "affine_act": affine_act_reference,
+    "im2col": im2col_reference,
 }
 
 #: Every op of the namespace, for opcheck and completeness tests.
@@ -383,5 +400,6 @@ ALL_OPS = {
     "affine_act": torch.ops.sigec.affine_act.default,
     "tile_blocks": torch.ops.sigec.tile_blocks.default,
     "conv_windows": torch.ops.sigec.conv_windows.default,
+    "im2col": torch.ops.sigec.im2col.default,
     "norm_affine": torch.ops.sigec.norm_affine.default,
 }

@@ -95,6 +95,19 @@ def test_affine_act_matches_reference(activation, dtype, layout):
     assert got.stride() == want.stride()
 
 
+@pytest.mark.parametrize("dtype,layout", itertools.product(DTYPES, LAYOUTS))
+@pytest.mark.parametrize("kernel,stride", [((3, 3), (1, 1)), ((1, 1), (1, 1)), ((3, 2), (2, 1)), ((4, 4), (2, 2))])
+def test_im2col_matches_reference(dtype, layout, kernel, stride):
+    windows = torch.randn(3, 5, 7, 6).to(dtype).to(memory_format=layout)
+    got = sigec.im2col(windows, list(kernel), list(stride))
+    assert torch.equal(got, REFERENCE_KERNELS["im2col"](windows, list(kernel), list(stride)))  # a pure copy
+
+
+def test_im2col_refuses_windows_smaller_than_the_kernel():
+    with pytest.raises(ValueError, match="smaller than the kernel"):
+        sigec.im2col(torch.randn(1, 2, 2, 2), [3, 3], [1, 1])
+
+
 def test_empty_block_lists_and_bad_arguments():
     x = torch.randn(1, 2, 8, 8)
     none = torch.zeros(0, 2, dtype=torch.int64)

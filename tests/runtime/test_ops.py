@@ -153,6 +153,8 @@ def _opcheck_samples():
         (sigec.norm_affine.default, (x, 2, torch.randn(4), None, 1e-5)),
         (sigec.conv_windows.default, (torch.randn(4, 4, 6, 6), torch.randn(3, 4, 3, 3), torch.randn(3), [1, 1], [1, 1], 1)),
         (sigec.conv_windows.default, (xcl, torch.randn(3, 4, 3, 3), None, [2, 2], [1, 1], 1)),
+        (sigec.im2col.default, (torch.randn(3, 4, 6, 5), [3, 2], [1, 2])),
+        (sigec.im2col.default, (xcl, [1, 1], [1, 1])),
     ]
 
 
