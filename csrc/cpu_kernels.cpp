@@ -19,9 +19,11 @@
 
 #include "kernel_common.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace sigec {
@@ -55,6 +57,74 @@ std::vector<float> affine_table(const c10::optional<Tensor>& t, int64_t n, int64
               "sigec: scale and shift must be (N, C) = (", n, ", ", c, ")");
   Tensor f = t->to(at::kFloat).contiguous();
   return std::vector<float>(f.data_ptr<float>(), f.data_ptr<float>() + n * c);
+}
+
+// ------------------------------------------------------------------------------------------
+// the affine + activation prologue on contiguous float runs
+
+// exp(x) without calls or branches, so that loops over it vectorize: Cephes' range reduction
+// and polynomial (about 1 ulp; the argument is clamped to the finite range of float).
+inline float exp_vectorizable(float x) {
+  x = x < -87.3f ? -87.3f : x;  // selects, not calls: they vectorize (with -fno-trapping-math)
+  x = x > 88.7f ? 88.7f : x;
+  // rounded to nearest by adding and removing 1.5 * 2^23 (no call, no branch)
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  x = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * x + 1.3981999507e-3f;
+  p = p * x + 8.3334519073e-3f;
+  p = p * x + 4.1665795894e-2f;
+  p = p * x + 1.6666665459e-1f;
+  p = p * x + 5.0000001201e-1f;
+  const float y = p * x * x + x + 1.0f;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return y * scale;
+}
+
+// act(v * a + b) over n contiguous floats, in place. One clone per instruction set, chosen when
+// the library loads, so the loops run at the machine's vector width without -march flags.
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void transform_floats(float* v, int64_t n, float a, float b, Act act, float slope) {
+  switch (act) {
+    case Act::kNone:
+      for (int64_t k = 0; k < n; ++k) v[k] = v[k] * a + b;
+      return;
+    case Act::kSilu:
+      for (int64_t k = 0; k < n; ++k) {
+        const float x = v[k] * a + b;
+        v[k] = x / (1.0f + exp_vectorizable(-x));
+      }
+      return;
+    case Act::kSigmoid:
+      for (int64_t k = 0; k < n; ++k) v[k] = 1.0f / (1.0f + exp_vectorizable(-(v[k] * a + b)));
+      return;
+    case Act::kRelu:
+      for (int64_t k = 0; k < n; ++k) {
+        const float x = v[k] * a + b;
+        v[k] = x < 0.0f ? 0.0f : x;  // NaN stays NaN
+      }
+      return;
+    case Act::kLeakyRelu:
+      for (int64_t k = 0; k < n; ++k) {
+        const float x = v[k] * a + b;
+        v[k] = x > 0.0f ? x : x * slope;
+      }
+      return;
+    default:
+      for (int64_t k = 0; k < n; ++k) v[k] = activate(v[k] * a + b, act, slope);
+  }
+}
+
+// act(v * a + b) over n contiguous values of any floating type, in place.
+template <typename scalar_t>
+void transform_run(scalar_t* v, int64_t n, float a, float b, Act act, float slope) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    transform_floats(v, n, a, b, act, slope);
+  } else {
+    for (int64_t k = 0; k < n; ++k) v[k] = static_cast<scalar_t>(activate(static_cast<float>(v[k]) * a + b, act, slope));
+  }
 }
 
 // ------------------------------------------------------------------------------------------
@@ -95,44 +165,36 @@ void gather_kernel(const Tensor& x, const int64_t* idx, int64_t nb, const Window
       const int64_t oc = channel0 + ch;
       const float a = affine ? scale[s * out_channels + oc] : 1.0f, sh = affine ? shift[s * out_channels + oc] : 0.0f;
       scalar_t* o = dst + ((b * n + s) * out_channels + oc) * plane;
+      // constant padding keeps its value: only the in-image columns [j0, j1) are transformed
+      const int64_t j0 = pad == Pad::kConstant ? std::clamp<int64_t>(-col0, 0, win.ww) : 0;
+      const int64_t j1 = pad == Pad::kConstant ? std::clamp<int64_t>(w - col0, j0, win.ww) : win.ww;
+      scalar_t* const plane_start = o;
+      bool padded = j0 != 0 || j1 != win.ww;
       for (int64_t r = 0; r < win.wh; ++r, o += win.ww) {
         const int64_t row = resolve(row0 + r, h, pad);
         if (row < 0) {
           std::fill(o, o + win.ww, pad_s);
+          padded = true;
           continue;
         }
         if (cl) {
           const scalar_t* line = src + (s * h + row) * w * c + ch;
-          for (int64_t j = 0; j < win.ww; ++j) {
-            const int64_t col = cols[j];
-            if (col < 0) {
-              o[j] = pad_s;
-            } else {
-              const float v = static_cast<float>(line[col * c]);
-              o[j] = transform ? static_cast<scalar_t>(activate(v * a + sh, act, slope)) : line[col * c];
-            }
-          }
-          continue;
-        }
-        const scalar_t* line = src + ((s * c + ch) * h + row) * w;
-        if (straight && !transform) {
-          std::memcpy(o, line + col0, win.ww * sizeof(scalar_t));
+          for (int64_t j = 0; j < win.ww; ++j) o[j] = cols[j] < 0 ? pad_s : line[cols[j] * c];
         } else if (straight) {
-          const scalar_t* in = line + col0;
-          for (int64_t j = 0; j < win.ww; ++j) {
-            o[j] = static_cast<scalar_t>(activate(static_cast<float>(in[j]) * a + sh, act, slope));
-          }
+          std::memcpy(o, src + ((s * c + ch) * h + row) * w + col0, win.ww * sizeof(scalar_t));
         } else {
-          for (int64_t j = 0; j < win.ww; ++j) {
-            const int64_t col = cols[j];
-            if (col < 0) {
-              o[j] = pad_s;
-            } else {
-              const float v = static_cast<float>(line[col]);
-              o[j] = transform ? static_cast<scalar_t>(activate(v * a + sh, act, slope)) : line[col];
-            }
-          }
+          const scalar_t* line = src + ((s * c + ch) * h + row) * w;
+          for (int64_t j = 0; j < win.ww; ++j) o[j] = cols[j] < 0 ? pad_s : line[cols[j]];
         }
+      }
+      if (!transform) continue;
+      if (!padded) {  // the common case: one run over the whole plane
+        transform_run(plane_start, plane, a, sh, act, slope);
+        continue;
+      }
+      o = plane_start;
+      for (int64_t r = 0; r < win.wh; ++r, o += win.ww) {
+        if (resolve(row0 + r, h, pad) >= 0) transform_run(o + j0, j1 - j0, a, sh, act, slope);
       }
     }
   });
@@ -328,9 +390,9 @@ void affine_kernel(const Tensor& x, const std::vector<float>& scale, const std::
     for (int64_t task = begin; task < end; ++task) {
       const int64_t row = task / c, ch = task % c, s = row % n;  // block-major rows cycle through samples
       const float a = scale[s * c + ch], b = shift[s * c + ch];
-      const scalar_t* in = src + task * plane;
       scalar_t* o = dst + task * plane;
-      for (int64_t k = 0; k < plane; ++k) o[k] = static_cast<scalar_t>(activate(static_cast<float>(in[k]) * a + b, act, slope));
+      std::memcpy(o, src + task * plane, plane * sizeof(scalar_t));
+      transform_run(o, plane, a, b, act, slope);
     }
   });
 }

@@ -83,14 +83,16 @@ def _build_and_load(verbose: bool) -> None:
     sources = _sources()
     if sources is None:
         raise FileNotFoundError(f"the C++ sources {_SOURCES} are not installed (package sigec.csrc)")
-    flags = ["-O3", "-fopenmp", "-DNDEBUG"]
+    # -fno-trapping-math lets the activation loops' selects vectorize (no FP exceptions are used)
+    flags = ["-O3", "-fopenmp", "-fno-trapping-math", "-DNDEBUG"]
     start = time.perf_counter()
     # is_python_module=False: a plain library that registers its kernels with the dispatcher
     # when loaded (no pybind11 module, which keeps the build short)
     # torch's build cache hashes the sources but not the headers they include: name the library
-    # after a hash of every csrc file it reads, so a changed header rebuilds it
+    # after a hash of every csrc file it reads and of the flags, so a changed header rebuilds it
     shared = Path(sources[0]).parent / _HEADER
-    digest = hashlib.sha256(b"".join(Path(f).read_bytes() for f in [*sources, str(shared)])).hexdigest()[:12]
+    digest = hashlib.sha256(b"".join(Path(f).read_bytes() for f in [*sources, str(shared)])
+                            + " ".join(flags).encode()).hexdigest()[:12]
     cpp_extension.load(f"{_NAME}_{digest}", sources, extra_cflags=flags, extra_ldflags=["-fopenmp"],
                        is_python_module=False, verbose=verbose)
     log.info("native CPU kernels ready (%.1f s, including any build)", time.perf_counter() - start)
