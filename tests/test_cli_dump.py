@@ -252,7 +252,7 @@ def test_passes_prints_every_pass(capsys):
     positions = [out.index(h) for h in order]
     assert positions == sorted(positions)
     partition = out.split("== after analysis pass partition")[1].split("== after")[0]
-    assert "sparse (" in partition and "block 4x4" in partition
+    assert "sparse (" in partition and "block 2x2" in partition  # 32x32: a sixteenth of the side
 
 
 def test_after_stops_at_the_pass(capsys):
