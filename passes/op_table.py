@@ -88,11 +88,13 @@ class LocalRule:
     ``window(node, block)`` returns a ``WindowSpec`` or a string saying why this block size cannot
     be used. ``grow(node, src)`` is the output mask under ``exact``. ``block_call(node, windows,
     spec)`` returns ``(target, args, kwargs)`` that computes the op on gathered windows.
+    ``block_multiple(node)`` is what the output block's (rows, columns) must be multiples of.
     """
 
     window: Callable[[Node, tuple[int, int]], "WindowSpec | str"]
     grow: Callable[[Node, M.MaskExpr, tuple[int, int]], M.MaskExpr]
     block_call: Callable[[Node, object, WindowSpec], tuple]
+    block_multiple: Callable[[Node], tuple[int, int]] = lambda node: (1, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,7 +292,13 @@ def _resample_call(node: Node, windows, spec: WindowSpec):
     return aten.upsample_nearest2d.vec, (windows, size, None), {}
 
 
-_RESAMPLE = LocalRule(window=_resample_window, grow=_resample_grow, block_call=_resample_call)
+def _resample_block_multiple(node: Node) -> tuple[int, int]:
+    """Each output block of a nearest or bilinear up-sampling reads whole input pixels."""
+    return tuple(f if up and f else 1 for f, up in _factors(node))
+
+
+_RESAMPLE = LocalRule(window=_resample_window, grow=_resample_grow, block_call=_resample_call,
+                      block_multiple=_resample_block_multiple)
 
 # ---------------------------------------------------------------------------------------------
 # padding

@@ -67,16 +67,24 @@ class CompileSettings:
         """These settings for the one plan made for an edit of ``fraction`` of the image."""
         return dataclasses.replace(self, expected_active_fraction=float(fraction))
 
-    def block_for(self, height: int, width: int) -> tuple[int, int]:
-        """Output block size at a resolution: powers of two keep nearest up-sampling aligned."""
+    def block_for(self, height: int, width: int, multiple: tuple[int, int] = (1, 1)) -> tuple[int, int]:
+        """Output block size at a resolution: powers of two keep nearest up-sampling aligned.
+
+        ``multiple``: what the ops at this resolution need the block to be a multiple of; the
+        automatic size is raised to it (a size the user gave is kept, and such ops fall back).
+        """
         bs = self.block_size
-        if isinstance(bs, Mapping):
-            edge = int(bs.get(height, _default_block(height, width)))
-        elif isinstance(bs, int):
-            edge = bs
-        else:
-            edge = _default_block(height, width)
-        return (min(edge, height), min(edge, width))
+        if isinstance(bs, int):
+            return (min(bs, height), min(bs, width))
+        if isinstance(bs, Mapping) and height in bs:
+            edge = int(bs[height])
+            return (min(edge, height), min(edge, width))
+        edge = _default_block(height, width)
+        return (min(_round_up(edge, multiple[0]), height), min(_round_up(edge, multiple[1]), width))
+
+
+def _round_up(edge: int, multiple: int) -> int:
+    return -(-edge // multiple) * multiple
 
 
 def _default_block(height: int, width: int) -> int:

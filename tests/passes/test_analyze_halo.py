@@ -39,3 +39,27 @@ def test_block_size_clipped_to_resolution_and_per_resolution_mapping():
     gm, _ = analyse(Geometry(), (torch.randn(1, 2, 16, 16),), until="analyze_halo", block_size={16: 8, 8: 2})
     assert node(gm, "conv2d").meta[K.GRID] == (8, 8)
     assert node(gm, "conv2d_1").meta[K.GRID] == (2, 2)
+
+
+class UpFromLow(nn.Module):
+    """4x4 -> 8x8 nearest up-sampling then a convolution: automatic blocks at 8x8 would be 1 pixel."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = nn.Conv2d(2, 2, 3, stride=2, padding=1)
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(self.down(x), scale_factor=2.0, mode="nearest"))
+
+
+def test_automatic_blocks_are_multiples_of_the_up_sampling_factor():
+    gm, ctx = analyse(UpFromLow(), (torch.randn(1, 2, 8, 8),), until="analyze_halo")
+    up = node(gm, "upsample_nearest2d")
+    assert up.meta[K.GRID] == (2, 2) and node(gm, "conv2d_1").meta[K.GRID] == (2, 2)
+    assert up.meta[K.RULE] is not None and not ctx.fallbacks
+    assert node(gm, "conv2d").meta[K.GRID] == (1, 1)  # 4x4: nothing there needs more
+    # a size the user gives is kept, and the up-sampling falls back with the reason
+    gm, ctx = analyse(UpFromLow(), (torch.randn(1, 2, 8, 8),), until="analyze_halo", block_size=1)
+    assert node(gm, "upsample_nearest2d").meta[K.RULE] is None
+    assert "multiple of the up-sampling factor 2" in ctx.fallbacks["upsample_nearest2d"]
