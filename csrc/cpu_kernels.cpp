@@ -11,7 +11,10 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/conv2d.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/irange.h>
@@ -468,6 +471,31 @@ Tensor im2col(const Tensor& windows_in, at::IntArrayRef kernel, at::IntArrayRef 
   return cols;
 }
 
+// ------------------------------------------------------------------------------------------
+// convolution of gathered windows
+
+// Output positions up to which the convolution runs as im2col and one matrix product against the
+// weight as stored; above, oneDNN (whose per-call weight reorder no longer dominates). Same as
+// GEMM_MAX_OUTPUTS in runtime/ops.py.
+constexpr int64_t kGemmMaxOutputs = 1024;
+
+Tensor conv_windows(const Tensor& windows, const Tensor& weight, const c10::optional<Tensor>& bias,
+                    at::IntArrayRef stride, at::IntArrayRef dilation, int64_t groups) {
+  TORCH_CHECK_VALUE(windows.dim() == 4 && weight.dim() == 4, "sigec.conv_windows: windows and weight must be 4-D");
+  TORCH_CHECK_VALUE(stride.size() == 2 && dilation.size() == 2, "sigec.conv_windows: stride and dilation take two values");
+  const int64_t nb = windows.size(0), co = weight.size(0), kh = weight.size(2), kw = weight.size(3);
+  const int64_t oh = (windows.size(2) - dilation[0] * (kh - 1) - 1) / stride[0] + 1;
+  const int64_t ow = (windows.size(3) - dilation[1] * (kw - 1) - 1) / stride[1] + 1;
+  if (groups != 1 || dilation[0] != 1 || dilation[1] != 1 || nb * oh * ow > kGemmMaxOutputs) {
+    const int64_t no_padding[2] = {0, 0};
+    return at::conv2d(windows, weight, bias, stride, at::IntArrayRef(no_padding), dilation, groups).contiguous();
+  }
+  const Tensor cols = im2col(windows, {kh, kw}, stride);
+  const Tensor matrix = weight.reshape({co, -1}).t();
+  const Tensor out = bias.has_value() && bias->defined() ? at::addmm(*bias, cols, matrix) : at::mm(cols, matrix);
+  return out.view({nb, oh, ow, co}).permute({0, 3, 1, 2}).contiguous();
+}
+
 }  // namespace
 }  // namespace sigec
 
@@ -479,4 +507,5 @@ TORCH_LIBRARY_IMPL(sigec, CPU, m) {
   m.impl("residual_add", &sigec::residual_add);
   m.impl("affine_act", &sigec::affine_act);
   m.impl("im2col", &sigec::im2col);
+  m.impl("conv_windows", &sigec::conv_windows);
 }

@@ -317,7 +317,8 @@ def _(x, num_groups, weight, bias, eps):
 
 
 #: Output positions (blocks x pixels per block) up to which ``conv_windows`` runs as one matrix
-#: product: oneDNN reorders the weight on every call, which dominates with few outputs.
+#: product: oneDNN reorders the weight on every call, which dominates with few outputs. The
+#: native kernel (csrc/cpu_kernels.cpp, ``kGemmMaxOutputs``) uses the same threshold.
 GEMM_MAX_OUTPUTS = 1024
 
 
@@ -333,7 +334,9 @@ def im2col_reference(windows: Tensor, kernel: list[int], stride: list[int]) -> T
     (kh, kw), c = kernel, windows.shape[1]
     # (nb, C, oh, ow, kh, kw) views, copied once (F.unfold's im2col is an order of magnitude slower)
     patches = windows.unfold(2, kh, stride[0]).unfold(3, kw, stride[1])
-    return patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * kh * kw).contiguous()
+    cols = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * kh * kw)
+    # a 1x1 kernel over channels-last windows is a view: an op's output never aliases its input
+    return cols.clone(memory_format=torch.contiguous_format) if cols.untyped_storage().data_ptr() == windows.untyped_storage().data_ptr() else cols
 
 
 im2col = torch.library.custom_op("sigec::im2col", mutates_args=())(im2col_reference)
@@ -346,9 +349,8 @@ def _(windows, kernel, stride):
     return windows.new_empty((windows.shape[0] * oh * ow, windows.shape[1] * kh * kw))
 
 
-@torch.library.custom_op("sigec::conv_windows", mutates_args=())
-def conv_windows(windows: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[int],
-                 dilation: list[int], groups: int) -> Tensor:
+def conv_windows_reference(windows: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[int],
+                           dilation: list[int], groups: int) -> Tensor:
     """``conv2d(windows, weight, bias, stride, padding=0, dilation, groups)`` on gathered windows,
     contiguous NCHW. With few output positions (``GEMM_MAX_OUTPUTS``) and one group it is an
     im2col matrix product against the weight as it is stored (no per-call weight reorder)."""
@@ -361,6 +363,9 @@ def conv_windows(windows: Tensor, weight: Tensor, bias: Optional[Tensor], stride
     matrix = weight.reshape(co, -1).t()
     out = torch.addmm(bias, cols, matrix) if bias is not None else cols @ matrix
     return out.view(nb, oh, ow, co).permute(0, 3, 1, 2).contiguous()
+
+
+conv_windows = torch.library.custom_op("sigec::conv_windows", mutates_args=())(conv_windows_reference)
 
 
 @conv_windows.register_fake
@@ -386,6 +391,7 @@ REFERENCE_KERNELS = {
     "residual_add": residual_add_reference,
     "affine_act": affine_act_reference,
     "im2col": im2col_reference,
+    "conv_windows": conv_windows_reference,
 }
 
 #: Every op of the namespace, for opcheck and completeness tests.

@@ -103,6 +103,18 @@ def test_im2col_matches_reference(dtype, layout, kernel, stride):
     assert torch.equal(got, REFERENCE_KERNELS["im2col"](windows, list(kernel), list(stride)))  # a pure copy
 
 
+@pytest.mark.parametrize("blocks,kernel,stride,dilation,groups,bias", [
+    (3, 3, 1, 1, 1, True), (3, 1, 1, 1, 1, False), (2, 3, 2, 1, 1, True), (2, 3, 1, 2, 1, True),
+    (2, 3, 1, 1, 2, True), (40, 3, 1, 1, 1, True),  # dilated, grouped and past the GEMM threshold: oneDNN
+])
+def test_conv_windows_matches_reference(blocks, kernel, stride, dilation, groups, bias):
+    windows, weight = torch.randn(blocks, 4, 8, 8), torch.randn(6, 4 // groups, kernel, kernel)
+    args = (windows, weight, torch.randn(6) if bias else None, [stride] * 2, [dilation] * 2, groups)
+    got = sigec.conv_windows(*args)
+    assert got.is_contiguous()
+    _assert_same(got, REFERENCE_KERNELS["conv_windows"](*args), torch.float32)
+
+
 def test_im2col_refuses_windows_smaller_than_the_kernel():
     with pytest.raises(ValueError, match="smaller than the kernel"):
         sigec.im2col(torch.randn(1, 2, 2, 2), [3, 3], [1, 1])
