@@ -49,6 +49,56 @@ def _read_blocks(t: torch.Tensor, indices: torch.Tensor, block: list) -> torch.T
     return torch.ops.sigec.gather(t, indices, block, block, [0, 0], "constant", 0.0, None, None, "none", 0.0)
 
 
+def _block_keys(indices: torch.Tensor) -> torch.Tensor:
+    return indices[:, 0] * (1 << 32) + indices[:, 1]
+
+
+def _rebase_working_buffers(slot: Slot, writes: list) -> list:
+    """Prepare the slot's in-place caches for a run that writes ``writes`` = ``[(cache position,
+    block indices, block, nhwc)]``; return the new ``slot.dirty``.
+
+    Each cache must hold its baseline everywhere the run does not write. Blocks the previous
+    uncommitted edit dirtied are restored only where this run does not overwrite them, and the
+    baseline of a block is read only when the block is dirtied for the first time: repeating or
+    refining an edit over the same blocks moves no data here.
+    """
+    previous = {entry[0]: entry for entry in slot.dirty or []}
+    if len(previous) != len(slot.dirty or []):  # one cache written twice: restore all, in order
+        Engine._restore(slot)
+        previous = {}
+    dirty = []
+    for pos, indices, block, nhwc in writes:
+        base = _nchw(slot.caches[pos], nhwc)
+        old = previous.pop(pos, None)
+        if old is not None and (old[2], old[3]) != (block, nhwc):
+            torch.ops.sigec.scatter_(_nchw(slot.caches[pos], old[3]), old[4], old[1], old[2])
+            old = None
+        if old is None:
+            dirty.append((pos, indices, block, nhwc, _read_blocks(base, indices, block)))
+            continue
+        _, old_indices, _, _, old_saved = old
+        if old_indices.shape == indices.shape and torch.equal(old_indices, indices):
+            dirty.append((pos, indices, block, nhwc, old_saved))
+            continue
+        # saved blocks are block-major: rows b * N .. b * N + N - 1 hold block b of the N samples
+        n = base.shape[0]
+        old_keys, keys = _block_keys(old_indices), _block_keys(indices)
+        stale = ~torch.isin(old_keys, keys)  # dirtied before, not overwritten now
+        if bool(stale.any()):
+            torch.ops.sigec.scatter_(base, old_saved[stale.repeat_interleave(n)], old_indices[stale], block)
+        order = torch.argsort(old_keys)
+        at = torch.searchsorted(old_keys[order], keys).clamp(max=max(len(old_keys) - 1, 0))
+        known = old_keys[order][at] == keys if len(old_keys) else torch.zeros_like(keys, dtype=torch.bool)
+        saved = old_saved.new_empty((indices.shape[0] * n, *old_saved.shape[1:]))
+        rows = (order[at[known]][:, None] * n + torch.arange(n)).reshape(-1)
+        saved[known.repeat_interleave(n)] = old_saved[rows]
+        saved[~known.repeat_interleave(n)] = _read_blocks(base, indices[~known], block)
+        dirty.append((pos, indices, block, nhwc, saved))
+    for pos, old_indices, block, nhwc, old_saved in previous.values():  # not written by this run
+        torch.ops.sigec.scatter_(_nchw(slot.caches[pos], nhwc), old_saved, old_indices, block)
+    return dirty
+
+
 @dataclasses.dataclass
 class Plan:
     """One compiled plan: the graph analysed for one planned edit area, and its incremental graph.
@@ -302,8 +352,8 @@ class Engine(torch.nn.Module):
         return self._unflatten([o.clone() if isinstance(o, torch.Tensor) else o for o in outputs])
 
     def _incremental(self, flat: list, key, slot: Slot, input_mask: torch.Tensor) -> Any:
-        self._restore(slot)
         if not bool(input_mask.any()):
+            self._restore(slot)
             self.last_stats = {"input_mask": input_mask, "masks": {}, "blocks": {}}
             self._pending = None
             return self._unflatten([o.clone() if isinstance(o, torch.Tensor) else o for o in slot.outputs])
@@ -311,9 +361,9 @@ class Engine(torch.nn.Module):
         stats = self.mask_stats(input_mask)
         indices = [stats["blocks"][k] for k in plan.signature.blocks]
         pixel = [stats["masks"][m][None, None] for m in plan.signature.pixel_masks]
-        # saved before anything is written, so a run that fails part-way is undone too
-        slot.dirty = [(pos, indices[b], block, nhwc, _read_blocks(_nchw(slot.caches[pos], nhwc), indices[b], block))
-                      for pos, b, block, nhwc in self._inplace[id(plan)]]
+        # baselines saved before anything is written, so a run that fails part-way is undone too
+        slot.dirty = _rebase_working_buffers(slot, [(pos, indices[b], block, nhwc)
+                                                    for pos, b, block, nhwc in self._inplace[id(plan)]])
         caches = [slot.caches[i] for i in plan.cache_positions]
         results = list(plan.incremental(*flat, *caches, *indices, *pixel))
         n_out = plan.signature.num_outputs

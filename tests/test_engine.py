@@ -205,6 +205,37 @@ def test_scatters_write_the_cache_in_place_and_undo_uncommitted_edits(setup):
     torch.testing.assert_close(engine(both, t)["sample"], model(both, t)["sample"], rtol=1e-4, atol=1e-5)
 
 
+def test_working_buffers_follow_a_sequence_of_uncommitted_edits(monkeypatch):
+    """Edits that repeat, grow, move and switch plans: each equals the dense model (exact), a
+    repeated edit reads no baseline again, and an unedited call leaves the recording intact."""
+    import sigec.engine as engine_module
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1),
+                          nn.SiLU(), nn.Conv2d(8, 8, 3, padding=1), nn.SiLU(),
+                          nn.Upsample(scale_factor=2.0), nn.Conv2d(8, 3, 3, padding=1)).eval()
+    x = torch.randn(2, 3, 32, 32)  # batch 2: saved blocks are block-major rows
+    engine = sigec.compile(model, (x,), policy="exact", block_size=4, expected_active_fraction=(0.01, 0.6))
+    engine(x)
+    slot = engine.store.get(engine.store.keys()[0])
+    recorded = [c.clone() for c in slot.caches]
+    reads = []
+    original_read = engine_module._read_blocks
+    monkeypatch.setattr(engine_module, "_read_blocks", lambda *a: reads.append(a[1].shape[0]) or original_read(*a))
+    edits = {"a": _edit(x, 4, 4, 3), "grown": _edit(x, 4, 4, 6), "moved": _edit(x, 20, 18, 3),
+             "large": _edit(x, 2, 2, 26)}
+    previous = None
+    for name in ["a", "a", "grown", "a", "moved", "large", "a", "moved"]:
+        reads.clear()
+        torch.testing.assert_close(engine(edits[name]), model(edits[name]), rtol=1e-4, atol=1e-5)
+        if name == "a" and previous == "a":
+            assert reads == []  # the same blocks: their baselines are kept, not read again
+        previous = name
+    engine(x)
+    for c, r in zip(slot.caches, recorded):
+        assert torch.equal(c, r)
+
+
 def test_each_edit_runs_the_plan_made_for_its_area():
     """Plans for several edit areas: a small edit runs more of the network sparse than a large one,
     both match the dense model, and the report names the plan."""
