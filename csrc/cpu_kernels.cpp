@@ -86,9 +86,16 @@ inline float exp_vectorizable(float x) {
   return y * scale;
 }
 
-// act(v * a + b) over n contiguous floats, in place. One clone per instruction set, chosen when
-// the library loads, so the loops run at the machine's vector width without -march flags.
-__attribute__((target_clones("avx512f", "avx2", "default")))
+// act(v * a + b) over n contiguous floats, in place. With GCC on x86-64 Linux, one clone per
+// instruction set, chosen when the library loads, so the loops run at the machine's vector width
+// without -march flags; elsewhere the compiler's default target.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define SIGEC_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define SIGEC_VECTOR_CLONES
+#endif
+
+SIGEC_VECTOR_CLONES
 void transform_floats(float* v, int64_t n, float a, float b, Act act, float slope) {
   switch (act) {
     case Act::kNone:
