@@ -336,7 +336,8 @@ def im2col_reference(windows: Tensor, kernel: list[int], stride: list[int]) -> T
     patches = windows.unfold(2, kh, stride[0]).unfold(3, kw, stride[1])
     cols = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * kh * kw)
     # a 1x1 kernel over channels-last windows is a view: an op's output never aliases its input
-    return cols.clone(memory_format=torch.contiguous_format) if cols.untyped_storage().data_ptr() == windows.untyped_storage().data_ptr() else cols
+    aliased = cols.untyped_storage().data_ptr() == windows.untyped_storage().data_ptr()
+    return cols.clone(memory_format=torch.contiguous_format) if aliased else cols
 
 
 im2col = torch.library.custom_op("sigec::im2col", mutates_args=())(im2col_reference)

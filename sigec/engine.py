@@ -74,29 +74,35 @@ def _rebase_working_buffers(slot: Slot, writes: list) -> list:
             torch.ops.sigec.scatter_(_nchw(slot.caches[pos], old[3]), old[4], old[1], old[2])
             old = None
         if old is None:
-            dirty.append((pos, indices, block, nhwc, _read_blocks(base, indices, block)))
-            continue
-        _, old_indices, _, _, old_saved = old
-        if old_indices.shape == indices.shape and torch.equal(old_indices, indices):
-            dirty.append((pos, indices, block, nhwc, old_saved))
-            continue
-        # saved blocks are block-major: rows b * N .. b * N + N - 1 hold block b of the N samples
-        n = base.shape[0]
-        old_keys, keys = _block_keys(old_indices), _block_keys(indices)
-        stale = ~torch.isin(old_keys, keys)  # dirtied before, not overwritten now
-        if bool(stale.any()):
-            torch.ops.sigec.scatter_(base, old_saved[stale.repeat_interleave(n)], old_indices[stale], block)
-        order = torch.argsort(old_keys)
-        at = torch.searchsorted(old_keys[order], keys).clamp(max=max(len(old_keys) - 1, 0))
-        known = old_keys[order][at] == keys if len(old_keys) else torch.zeros_like(keys, dtype=torch.bool)
-        saved = old_saved.new_empty((indices.shape[0] * n, *old_saved.shape[1:]))
-        rows = (order[at[known]][:, None] * n + torch.arange(n)).reshape(-1)
-        saved[known.repeat_interleave(n)] = old_saved[rows]
-        saved[~known.repeat_interleave(n)] = _read_blocks(base, indices[~known], block)
+            saved = _read_blocks(base, indices, block)
+        elif old[1].shape == indices.shape and torch.equal(old[1], indices):
+            saved = old[4]
+        else:
+            saved = _rebase_blocks(base, old[1], old[4], indices, block)
         dirty.append((pos, indices, block, nhwc, saved))
     for pos, old_indices, block, nhwc, old_saved in previous.values():  # not written by this run
         torch.ops.sigec.scatter_(_nchw(slot.caches[pos], nhwc), old_saved, old_indices, block)
     return dirty
+
+
+def _rebase_blocks(base: torch.Tensor, old_indices: torch.Tensor, old_saved: torch.Tensor,
+                   indices: torch.Tensor, block: list) -> torch.Tensor:
+    """Restore the blocks of ``old_indices`` that ``indices`` does not cover, and return the
+    baselines of ``indices``: kept from ``old_saved`` where known, read from ``base`` elsewhere.
+    Saved blocks are block-major: rows ``b * N`` to ``b * N + N - 1`` hold block b of N samples."""
+    n = base.shape[0]
+    old_keys, keys = _block_keys(old_indices), _block_keys(indices)
+    stale = ~torch.isin(old_keys, keys)  # dirtied before, not overwritten now
+    if bool(stale.any()):
+        torch.ops.sigec.scatter_(base, old_saved[stale.repeat_interleave(n)], old_indices[stale], block)
+    order = torch.argsort(old_keys)
+    at = torch.searchsorted(old_keys[order], keys).clamp(max=max(len(old_keys) - 1, 0))
+    known = old_keys[order][at] == keys if len(old_keys) else torch.zeros_like(keys, dtype=torch.bool)
+    saved = old_saved.new_empty((indices.shape[0] * n, *old_saved.shape[1:]))
+    rows = (order[at[known]][:, None] * n + torch.arange(n)).reshape(-1)
+    saved[known.repeat_interleave(n)] = old_saved[rows]
+    saved[~known.repeat_interleave(n)] = _read_blocks(base, indices[~known], block)
+    return saved
 
 
 @dataclasses.dataclass
