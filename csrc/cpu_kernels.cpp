@@ -14,8 +14,8 @@
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/conv2d.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mm.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/mm.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/irange.h>
 #include <torch/library.h>
@@ -170,7 +170,7 @@ void gather_kernel(const Tensor& x, const int64_t* idx, int64_t nb, const Window
       const int64_t row0 = idx[2 * b] * win.sh + win.oh;
       const int64_t* cols = col_src.data() + b * win.ww;
       const int64_t col0 = idx[2 * b + 1] * win.sw + win.ow;
-      // the contiguous run of in-image columns, copied with memcpy when no transform applies
+      // a row of NCHW in-image columns is one contiguous run: copied with memcpy
       const bool straight = !cl && col0 >= 0 && col0 + win.ww <= w;
       const int64_t oc = channel0 + ch;
       const float a = affine ? scale[s * out_channels + oc] : 1.0f, sh = affine ? shift[s * out_channels + oc] : 0.0f;

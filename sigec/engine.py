@@ -53,6 +53,12 @@ def _block_keys(indices: torch.Tensor) -> torch.Tensor:
     return indices[:, 0] * (1 << 32) + indices[:, 1]
 
 
+def _put_back(slot: Slot, entry: tuple) -> None:
+    """Write the saved baselines of one ``slot.dirty`` entry back into its cache."""
+    pos, indices, block, nhwc, saved = entry
+    torch.ops.sigec.scatter_(_nchw(slot.caches[pos], nhwc), saved, indices, block)
+
+
 def _rebase_working_buffers(slot: Slot, writes: list) -> list:
     """Prepare the slot's in-place caches for a run that writes ``writes`` = ``[(cache position,
     block indices, block, nhwc)]``; return the new ``slot.dirty``.
@@ -60,28 +66,26 @@ def _rebase_working_buffers(slot: Slot, writes: list) -> list:
     Each cache must hold its baseline everywhere the run does not write. Blocks the previous
     uncommitted edit dirtied are restored only where this run does not overwrite them, and the
     baseline of a block is read only when the block is dirtied for the first time: repeating or
-    refining an edit over the same blocks moves no data here.
+    refining an edit over the same blocks moves no data here. (A plan writes each cache at most
+    once, so positions are unique in both lists.)
     """
     previous = {entry[0]: entry for entry in slot.dirty or []}
-    if len(previous) != len(slot.dirty or []):  # one cache written twice: restore all, in order
-        Engine._restore(slot)
-        previous = {}
     dirty = []
     for pos, indices, block, nhwc in writes:
         base = _nchw(slot.caches[pos], nhwc)
         old = previous.pop(pos, None)
-        if old is not None and (old[2], old[3]) != (block, nhwc):
-            torch.ops.sigec.scatter_(_nchw(slot.caches[pos], old[3]), old[4], old[1], old[2])
+        if old is not None and (old[2], old[3]) != (block, nhwc):  # another grid: start afresh
+            _put_back(slot, old)
             old = None
         if old is None:
             saved = _read_blocks(base, indices, block)
-        elif old[1].shape == indices.shape and torch.equal(old[1], indices):
-            saved = old[4]
         else:
-            saved = _rebase_blocks(base, old[1], old[4], indices, block)
+            _, old_indices, _, _, old_saved = old
+            same = old_indices.shape == indices.shape and torch.equal(old_indices, indices)
+            saved = old_saved if same else _rebase_blocks(base, old_indices, old_saved, indices, block)
         dirty.append((pos, indices, block, nhwc, saved))
-    for pos, old_indices, block, nhwc, old_saved in previous.values():  # not written by this run
-        torch.ops.sigec.scatter_(_nchw(slot.caches[pos], nhwc), old_saved, old_indices, block)
+    for entry in previous.values():  # caches this run does not write
+        _put_back(slot, entry)
     return dirty
 
 
@@ -98,10 +102,10 @@ def _rebase_blocks(base: torch.Tensor, old_indices: torch.Tensor, old_saved: tor
     order = torch.argsort(old_keys)
     at = torch.searchsorted(old_keys[order], keys).clamp(max=max(len(old_keys) - 1, 0))
     known = old_keys[order][at] == keys if len(old_keys) else torch.zeros_like(keys, dtype=torch.bool)
+    known_rows = known.repeat_interleave(n)
     saved = old_saved.new_empty((indices.shape[0] * n, *old_saved.shape[1:]))
-    rows = (order[at[known]][:, None] * n + torch.arange(n)).reshape(-1)
-    saved[known.repeat_interleave(n)] = old_saved[rows]
-    saved[~known.repeat_interleave(n)] = _read_blocks(base, indices[~known], block)
+    saved[known_rows] = old_saved[(order[at[known]][:, None] * n + torch.arange(n)).reshape(-1)]
+    saved[~known_rows] = _read_blocks(base, indices[~known], block)
     return saved
 
 
@@ -411,10 +415,8 @@ class Engine(torch.nn.Module):
     @staticmethod
     def _restore(slot: Slot) -> None:
         """Put back the blocks an uncommitted edit overwrote in the slot's in-place caches."""
-        if slot.dirty is None:
-            return
-        for pos, indices, block, nhwc, saved in reversed(slot.dirty):
-            torch.ops.sigec.scatter_(_nchw(slot.caches[pos], nhwc), saved, indices, block)
+        for entry in slot.dirty or []:
+            _put_back(slot, entry)
         slot.dirty = None
 
     def _store_dtype(self, index: int, value: torch.Tensor) -> torch.Tensor:
