@@ -94,6 +94,8 @@ def benchmark_arguments(description: str, default_json: str) -> argparse.Argumen
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="the model's and inputs' dtype")
     p.add_argument("--runner", default="eager", choices=list(cuda_graphs.RUNNERS),
                    help="how the incremental graph runs (sigec.cuda_graphs.set_runner); the dense model stays eager")
+    p.add_argument("--profile", action="store_true",
+                   help="print where one incremental call of the first edit spends its time (torch.profiler, by op)")
     return p
 
 
@@ -187,6 +189,20 @@ def measure_edit(engine, case: EditCase, fraction: float, timing: bool, repeats:
     return row
 
 
+def profile_table(engine, case: EditCase, fraction: float, device: str = "cpu",
+                  dtype: torch.dtype = torch.float32, rows: int = 15) -> str:
+    """``torch.profiler``'s table by op (self CPU time) of one incremental call of an edit."""
+    h, w = engine.context.input_resolution
+    edited, _ = case.edit(case.inputs, ellipse_mask(h, w, fraction))
+    edited = _to_device(edited, device, dtype)
+    with torch.no_grad():
+        engine(*edited)  # warm-up, and the blocks this edit writes are saved
+        with torch.profiler.profile() as prof:
+            engine(*edited)
+    return (f"profile of one incremental call, {fraction:.1%} edit:\n"
+            + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
 def _ms(t: Optional[list]) -> str:
     return f"{t[0] * 1e3:.0f} [{t[1] * 1e3:.0f},{t[2] * 1e3:.0f}]" if t else "-"
 
@@ -232,6 +248,8 @@ def run_edit_benchmark(case: EditCase, args: argparse.Namespace, fractions: list
     rows = [measure_edit(engine, case, f, not args.no_timing, args.repeats, device, dtype)
             for f in tqdm([*fractions, 0.0], desc="edit sizes", unit="mask")]
     print(format_table(rows))
+    if getattr(args, "profile", False):
+        print(profile_table(engine, case, fractions[0], device, dtype))
     result = {"model": case.name, "resolution": [h, w], "policy": args.policy, "threads": args.threads,
               "device": device, "device_name": torch.cuda.get_device_name() if device == "cuda" else None,
               "dtype": args.dtype, "runner": runner,

@@ -20,3 +20,9 @@ def test_quick_mode(module, tmp_path):
     assert empty["incremental_macs"] == 0 and empty["psnr_db"] > 100
     saved = json.loads(out.read_text())
     assert saved["rows"][0]["dense_macs"] == edit["dense_macs"]
+
+
+def test_profile_prints_the_ops_of_an_incremental_call(capsys, tmp_path):
+    church256.main(["--quick", "--no-timing", "--profile", "--json", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    assert "profile of one incremental call, 5.0% edit" in out and "sigec::gather" in out
