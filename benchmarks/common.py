@@ -244,6 +244,8 @@ def run_edit_benchmark(case: EditCase, args: argparse.Namespace, fractions: list
         engine(*inputs)  # the recording run every edit below is compared against
     record_s = time.perf_counter() - start
     print(f"record run {record_s:.2f} s", flush=True)
+    costs = engine.context.kernel_costs
+    print(f"kernel costs: {costs.summary()}", flush=True)
     cuda_graphs.set_runner(engine, runner)
     rows = [measure_edit(engine, case, f, not args.no_timing, args.repeats, device, dtype)
             for f in tqdm([*fractions, 0.0], desc="edit sizes", unit="mask")]
@@ -255,7 +257,7 @@ def run_edit_benchmark(case: EditCase, args: argparse.Namespace, fractions: list
               "dtype": args.dtype, "runner": runner,
               "repeats": None if args.no_timing else args.repeats, "torch": torch.__version__,
               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "compile_s": compile_s,
-              "record_s": record_s, "rows": rows}
+              "record_s": record_s, "kernel_costs": dataclasses.asdict(costs), "rows": rows}
     path = write_json(args.json, result)
     print(f"wrote {path}")
     return result

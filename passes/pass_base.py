@@ -11,11 +11,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from torch.fx import GraphModule
 
 from sigec.settings import CompileSettings
+
+if TYPE_CHECKING:
+    from sigec.costs import KernelCosts
 
 log = logging.getLogger("sigec.passes")
 
@@ -33,6 +36,10 @@ class PassContext:
             (written by classify_spatial and partition, read by reports).
         approximations: ``{node name: reason}`` for nodes whose incremental result is not the
             dense model's even under ``exact`` (written by propagate_masks).
+        kernel_costs: the ``sigec.costs.KernelCosts`` the partition priced its decisions with
+            (written by partition, read by reports).
+        dense_graph: the analysed graph the incremental graph was emitted from (set before the
+            incremental passes; an emitted node's ``sigec.origin`` names its node there).
     """
 
     settings: CompileSettings
@@ -41,6 +48,8 @@ class PassContext:
     batch: int = 1
     fallbacks: dict = dataclasses.field(default_factory=dict)
     approximations: dict = dataclasses.field(default_factory=dict)
+    kernel_costs: Optional["KernelCosts"] = None
+    dense_graph: Optional[GraphModule] = None
     timings: dict = dataclasses.field(default_factory=dict)
 
 
@@ -69,6 +78,11 @@ class PassError(RuntimeError):
 
 class UserInputError(ValueError):
     """A problem with what the user gave (model inputs, settings); passes it through unwrapped."""
+
+
+def dense_nodes(ctx: PassContext) -> dict:
+    """``{name: node}`` of ``ctx.dense_graph``: where an emitted node's ``sigec.origin`` points."""
+    return {n.name: n for n in ctx.dense_graph.graph.nodes} if ctx.dense_graph is not None else {}
 
 
 def finish_rewrite(gm: GraphModule, count: int, what: str) -> GraphModule:

@@ -46,6 +46,12 @@ _NAME = "sigec_cpu_kernels"
 
 _CUDA_SOURCE = "cuda_kernels.cu"
 _CUDA_NAME = "sigec_cuda_kernels"
+# Toolchains that link libstdc++ statically into every shared library (seen on a GPU machine's
+# /opt/gcc) give each extension a private libstdc++ whose symbols, torch loading extensions with
+# RTLD_GLOBAL, get mixed with other copies' (std::locale facet ids are STB_GNU_UNIQUE): formatting
+# a number into an error message then crashed. Hiding the symbols of linked static archives keeps
+# each copy private; where libstdc++ is shared, as usual, the flag changes nothing.
+LINK_FLAGS = ("-Wl,--exclude-libs,ALL",)
 
 _lock = threading.Lock()
 _state: dict = {"tried": False, "loaded": False, "error": None}
@@ -85,6 +91,7 @@ def _build_and_load(verbose: bool) -> None:
         raise FileNotFoundError(f"the C++ sources {_SOURCES} are not installed (package sigec.csrc)")
     # -fno-trapping-math lets the activation loops' selects vectorize (no FP exceptions are used)
     flags = ["-O3", "-fopenmp", "-fno-trapping-math", "-DNDEBUG"]
+    ldflags = ["-fopenmp", *LINK_FLAGS]
     start = time.perf_counter()
     # is_python_module=False: a plain library that registers its kernels with the dispatcher
     # when loaded (no pybind11 module, which keeps the build short)
@@ -92,8 +99,8 @@ def _build_and_load(verbose: bool) -> None:
     # after a hash of every csrc file it reads and of the flags, so a changed header rebuilds it
     shared = Path(sources[0]).parent / _HEADER
     digest = hashlib.sha256(b"".join(Path(f).read_bytes() for f in [*sources, str(shared)])
-                            + " ".join(flags).encode()).hexdigest()[:12]
-    cpp_extension.load(f"{_NAME}_{digest}", sources, extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                            + " ".join(flags + ldflags).encode()).hexdigest()[:12]
+    cpp_extension.load(f"{_NAME}_{digest}", sources, extra_cflags=flags, extra_ldflags=ldflags,
                        is_python_module=False, verbose=verbose)
     log.info("native CPU kernels ready (%.1f s, including any build)", time.perf_counter() - start)
 
@@ -162,9 +169,12 @@ def _build_and_load_cuda(verbose: bool) -> None:
     start = time.perf_counter()
     # the architectures of the visible GPUs (TORCH_CUDA_ARCH_LIST overrides), as torch does
     source = cuda_source()
-    digest = hashlib.sha256(source.read_bytes() + (source.parent / _HEADER).read_bytes()).hexdigest()[:12]
-    cpp_extension.load(f"{_CUDA_NAME}_{digest}", [str(source)], extra_cflags=["-O3"], extra_cuda_cflags=["-O3"],
-                       is_python_module=False, verbose=verbose)
+    cflags, cuda_cflags, ldflags = ["-O3"], ["-O3"], list(LINK_FLAGS)
+    # the library is named after its sources and flags: a changed flag builds a new one
+    digest = hashlib.sha256(source.read_bytes() + (source.parent / _HEADER).read_bytes()
+                            + " ".join([*cflags, *cuda_cflags, *ldflags]).encode()).hexdigest()[:12]
+    cpp_extension.load(f"{_CUDA_NAME}_{digest}", [str(source)], extra_cflags=cflags, extra_cuda_cflags=cuda_cflags,
+                       extra_ldflags=ldflags, is_python_module=False, verbose=verbose)
     log.info("CUDA kernels ready (%.1f s, including any build)", time.perf_counter() - start)
 
 

@@ -18,7 +18,7 @@ def compile(model: "torch.nn.Module | torch.export.ExportedProgram", example_arg
             policy: str = "sige", eps: float = 1e-6, dilation: int = 1, threshold: float = 0.0,
             block_size: BlockSize = None,
             expected_active_fraction: "float | tuple[float, ...]" = CompileSettings.expected_active_fraction,
-            spatial_inputs=None, cache_budget_bytes: Optional[int] = None,
+            spatial_inputs=None, kernel_costs=None, cache_budget_bytes: Optional[int] = None,
             on_cache_full: str = "evict", on_stale: str = "rerecord",
             cache_dtype: Optional[torch.dtype] = None, temporal=None, scheduler=None,
             tiles: Optional[tuple[int, int]] = None, tile_size: "int | tuple[int, int] | None" = None,
@@ -31,8 +31,8 @@ def compile(model: "torch.nn.Module | torch.export.ExportedProgram", example_arg
         example_args: positional example inputs (a tensor or a tuple); optional for an
             ``ExportedProgram``, which carries its own.
         example_kwargs: keyword example inputs.
-        policy, eps, dilation, threshold, block_size, expected_active_fraction, spatial_inputs:
-            see ``sigec.settings.CompileSettings``.
+        policy, eps, dilation, threshold, block_size, expected_active_fraction, spatial_inputs,
+            kernel_costs: see ``sigec.settings.CompileSettings``.
         cache_budget_bytes: memory budget of the recorded slots (``None``: unbounded).
         on_cache_full: ``"evict"`` the least recently used slot, or ``"raise"``.
         on_stale: when parameters or buffers change in place after a slot was recorded:
@@ -51,7 +51,7 @@ def compile(model: "torch.nn.Module | torch.export.ExportedProgram", example_arg
     native.load()  # the native CPU kernels, built once per torch version; a warning if they cannot be
     options = dict(policy=policy, eps=eps, dilation=dilation, threshold=threshold, block_size=block_size,
                    expected_active_fraction=expected_active_fraction, spatial_inputs=spatial_inputs,
-                   cache_budget_bytes=cache_budget_bytes, on_cache_full=on_cache_full, on_stale=on_stale,
+                   kernel_costs=kernel_costs, cache_budget_bytes=cache_budget_bytes, on_cache_full=on_cache_full, on_stale=on_stale,
                    cache_dtype=cache_dtype)
     if temporal is not None:
         from sigec.temporal import compile_temporal
@@ -70,20 +70,22 @@ def _plan(captured: torch.fx.GraphModule, settings: CompileSettings, inplace: bo
     ctx = PassContext(settings)
     gm = run_passes(gm, ctx, ANALYSIS_PASSES)
     incremental, signature = emit_incremental(gm, ctx.batch, inplace=inplace)
+    ctx.dense_graph = gm
     incremental = run_passes(incremental, ctx, INCREMENTAL_PASSES)
     return Plan(settings.expected_active_fraction, gm, ctx, incremental, signature)
 
 
 def _compile_spatial(model, example_args, example_kwargs, *, policy, eps, dilation, threshold, block_size,
-                     expected_active_fraction, spatial_inputs, cache_budget_bytes, on_cache_full, on_stale,
-                     cache_dtype) -> Engine:
+                     expected_active_fraction, spatial_inputs, kernel_costs, cache_budget_bytes, on_cache_full,
+                     on_stale, cache_dtype) -> Engine:
     """The spatial (edit-incremental) engine: capture, analysis passes, both codegens, an ``Engine``."""
     if example_kwargs and "mask" in example_kwargs:
         raise ValueError("the model takes a keyword input named 'mask', which is the engine's own edit-mask "
                          "argument; pass the model's mask positionally in example_args (and in calls)")
     settings = CompileSettings(policy=policy, eps=eps, dilation=dilation, threshold=threshold,
                                block_size=block_size, expected_active_fraction=expected_active_fraction,
-                               spatial_inputs=tuple(spatial_inputs) if spatial_inputs is not None else None)
+                               spatial_inputs=tuple(spatial_inputs) if spatial_inputs is not None else None,
+                               kernel_costs=kernel_costs)
     if isinstance(model, torch.nn.Module) and model.training:
         raise ValueError(f"{type(model).__name__} is in training mode (dropout and batch norm would not "
                          "match an eval run, and batch norm would update its statistics): call model.eval() "

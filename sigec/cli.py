@@ -1,4 +1,4 @@
-"""The ``sigec`` command line: ``sigec dump``, ``sigec bench`` and ``sigec demo``.
+"""The ``sigec`` command line: ``sigec dump``, ``sigec bench``, ``sigec demo`` and ``sigec costs``.
 
 Exit status: 0 on success, 1 when a command fails (one ``sigec: error: ...`` line on stderr;
 ``--debug`` adds the traceback), 2 for usage errors, 130 when interrupted.
@@ -6,6 +6,8 @@ Exit status: 0 on success, 1 when a command fails (one ``sigec: error: ...`` lin
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import os
 import sys
@@ -140,6 +142,24 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_costs(args: argparse.Namespace) -> int:
+    import torch
+
+    from sigec import costs
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    measured = costs.machine_costs(args.device, dtype, remeasure=args.remeasure)
+    if args.format == "json":
+        text = json.dumps(dataclasses.asdict(measured), indent=1)
+    else:
+        text = "\n".join([f"{f.name:20s} {getattr(measured, f.name)!r}" for f in dataclasses.fields(measured)]
+                         + [f"cache: {costs.cache_file()}"])
+    _write_output(text, args.out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; each subcommand sets ``func``, its handler."""
     parser = argparse.ArgumentParser(
@@ -214,6 +234,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                       help="show the traceback of an error")
     demo.set_defaults(func=_cmd_demo)
+
+    costs = sub.add_parser(
+        "costs", help="show (or measure again) the kernel costs the compiler plans with on this machine",
+        description="Print the seconds per unit of work of the kernels an incremental graph runs (dense and "
+                    "sparse convolution per MAC and per weight byte, gather/scatter per element, one op "
+                    "call), which the partition pass weighs sparse against dense with. They are measured "
+                    "once per device, dtype and thread count (about a second) and cached; --remeasure "
+                    "measures again, for example after a hardware or driver change.")
+    costs.add_argument("--device", default="cpu", help="torch device to measure on (default: %(default)s)")
+    costs.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
+                       help="dtype of the measured kernels (default: %(default)s)")
+    costs.add_argument("--threads", type=_positive_int, default=None,
+                       help="torch CPU threads (default: torch's; costs are cached per thread count)")
+    costs.add_argument("--remeasure", action="store_true", help="measure again and replace the cached figures")
+    costs.add_argument("--format", choices=("text", "json"), default="text",
+                       help="output format (default: %(default)s)")
+    costs.add_argument("--out", metavar="PATH", help="write the output to PATH instead of stdout")
+    costs.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the traceback of an error")
+    costs.set_defaults(func=_cmd_costs)
     return parser
 
 

@@ -857,6 +857,7 @@ def dump_pass_graphs(target: Target, policy: str, block_size: Optional[int], aft
     if after in analysis:
         return
     inc, signature = emit_incremental(gm, ctx.batch)
+    ctx.dense_graph = gm
     write(f"\n== codegen: emitted incremental graph ({len(signature.blocks)} block grids) ==\n{format_graph(inc)}\n")
     inc = run_passes(inc, ctx, INCREMENTAL_PASSES, observer=observer("incremental"),
                      stop_after=after if after in incremental else None)

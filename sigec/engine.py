@@ -71,6 +71,9 @@ def _rebase_working_buffers(slot: Slot, writes: list) -> list:
     """
     previous = {entry[0]: entry for entry in slot.dirty or []}
     dirty = []
+    # caches on one grid share their index tensors: compare each pair once (on a GPU
+    # torch.equal waits for the device, and a UNet has about a hundred caches)
+    equal: dict = {}
     for pos, indices, block, nhwc in writes:
         base = _nchw(slot.caches[pos], nhwc)
         old = previous.pop(pos, None)
@@ -81,7 +84,11 @@ def _rebase_working_buffers(slot: Slot, writes: list) -> list:
             saved = _read_blocks(base, indices, block)
         else:
             _, old_indices, _, _, old_saved = old
-            same = old_indices.shape == indices.shape and torch.equal(old_indices, indices)
+            pair = (id(old_indices), id(indices))
+            if pair not in equal:
+                equal[pair] = old_indices is indices or (old_indices.shape == indices.shape
+                                                         and torch.equal(old_indices, indices))
+            same = equal[pair]
             saved = old_saved if same else _rebase_blocks(base, old_indices, old_saved, indices, block)
         dirty.append((pos, indices, block, nhwc, saved))
     for entry in previous.values():  # caches this run does not write
@@ -104,7 +111,7 @@ def _rebase_blocks(base: torch.Tensor, old_indices: torch.Tensor, old_saved: tor
     known = old_keys[order][at] == keys if len(old_keys) else torch.zeros_like(keys, dtype=torch.bool)
     known_rows = known.repeat_interleave(n)
     saved = old_saved.new_empty((indices.shape[0] * n, *old_saved.shape[1:]))
-    saved[known_rows] = old_saved[(order[at[known]][:, None] * n + torch.arange(n)).reshape(-1)]
+    saved[known_rows] = old_saved[(order[at[known]][:, None] * n + torch.arange(n, device=order.device)).reshape(-1)]
     saved[~known_rows] = _read_blocks(base, indices[~known], block)
     return saved
 

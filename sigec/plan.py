@@ -49,6 +49,8 @@ class DecisionKind(enum.Enum):
 class Decision:
     kind: DecisionKind
     reason: str = ""
+    #: the cost model's ``(sparse, dense)`` estimate in seconds, for the ops it priced
+    estimate: Optional[tuple[float, float]] = None
 
 
 @dataclasses.dataclass(frozen=True)

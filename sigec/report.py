@@ -26,6 +26,8 @@ class NodeReport:
     dense_macs: int
     incremental_macs: Optional[int]
     approximation: str
+    #: the cost model's ``(sparse, dense)`` estimate in seconds for the planned edit, where it priced the op
+    estimate: Optional[tuple[float, float]] = None
 
 
 @dataclasses.dataclass
@@ -36,6 +38,8 @@ class Report:
     #: the edit area the plan that runs this mask was made for, and every planned area
     planned_fraction: Optional[float] = None
     planned_fractions: tuple = ()
+    #: the kernel costs the cost model priced sparse against dense with
+    kernel_costs: str = ""
 
     @property
     def dense_macs(self) -> int:
@@ -51,7 +55,8 @@ class Report:
         return {n.name: n.reason for n in self.nodes if n.decision == DecisionKind.FALLBACK.value}
 
     def __str__(self) -> str:
-        head = f"{'node':40s} {'op':28s} {'res':>9s} {'decision':9s} {'mask':>6s} {'blocks':>6s} {'dense MACs':>12s} {'incr MACs':>12s}"
+        head = (f"{'node':40s} {'op':28s} {'res':>9s} {'decision':9s} {'mask':>6s} {'blocks':>6s} {'dense MACs':>12s} "
+                f"{'incr MACs':>12s} {'est. sparse/dense ms':>21s}")
         lines = [head, "-" * len(head)]
         for n in self.nodes:
             if n.decision == DecisionKind.STATIC.value and not n.dense_macs:
@@ -60,8 +65,9 @@ class Report:
             frac = f"{n.mask_fraction:.1%}" if n.mask_fraction is not None else "-"
             nb = str(n.active_blocks) if n.active_blocks is not None else "-"
             inc = f"{n.incremental_macs:,}" if n.incremental_macs is not None else "-"
+            est = f"{n.estimate[0] * 1e3:.3g} / {n.estimate[1] * 1e3:.3g}" if n.estimate is not None else "-"
             lines.append(f"{n.name[:40]:40s} {n.op[:28]:28s} {res:>9s} {n.decision:9s} {frac:>6s} {nb:>6s} "
-                         f"{n.dense_macs:>12,} {inc:>12s}")
+                         f"{n.dense_macs:>12,} {inc:>12s} {est:>21s}")
         inc = self.incremental_macs
         ratio = f"{self.dense_macs / inc:.2f}x" if inc else "-"
         lines.append(f"total: dense {self.dense_macs:,} MACs, incremental "
@@ -70,6 +76,8 @@ class Report:
             plans = ", ".join(f"{f:.1%}" for f in self.planned_fractions)
             lines.append(f"plan: made for a {self.planned_fraction:.1%} edit (plans for {plans}; each call runs "
                          "the one nearest its edit area)")
+        if self.kernel_costs:
+            lines.append(f"kernel costs: {self.kernel_costs}")
         fb = self.fallbacks()
         if fb:
             lines.append(f"fallbacks ({len(fb)}): " + "; ".join(f"{k}: {v}" for k, v in list(fb.items())[:10]))
@@ -114,7 +122,8 @@ def build_report(engine, stats: Optional[dict]) -> Report:
             mask=M.describe(mask) if mask is not None else "-", mask_fraction=frac,
             block=node.meta.get(K.GRID), halo=spec.halo if spec is not None else None,
             active_blocks=count, dense_macs=node_macs(node), incremental_macs=inc,
-            approximation=ctx.approximations.get(node.name, "")))
+            approximation=ctx.approximations.get(node.name, ""), estimate=decision.estimate))
     input_frac = float(stats["input_mask"].float().mean()) if stats is not None else None
+    costs = ctx.kernel_costs.summary() if ctx.kernel_costs is not None else ""
     return Report(rows, ctx.settings.policy, input_frac, ctx.settings.planned_fractions[0],
-                  tuple(p.planned_fraction for p in engine.plans))
+                  tuple(p.planned_fraction for p in engine.plans), costs)

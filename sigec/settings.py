@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Mapping, Optional, Sequence, Union
+
+if TYPE_CHECKING:
+    from sigec.costs import KernelCosts
 
 POLICIES = ("sige", "exact")
 BlockSize = Union[None, int, Mapping[int, int]]
@@ -29,6 +32,8 @@ class CompileSettings:
             low-resolution layers sparse too, and large ones keep them dense).
         spatial_inputs: names of the flat inputs that are images; ``None`` means every 4-D floating
             input with height and width above 1.
+        kernel_costs: the ``sigec.costs.KernelCosts`` the cost model prices sparse and dense with;
+            ``None`` means this machine's, measured once per device and dtype and cached.
     """
 
     policy: str = "sige"
@@ -38,6 +43,7 @@ class CompileSettings:
     block_size: BlockSize = None
     expected_active_fraction: Union[float, Sequence[float]] = (0.01, 0.05, 0.2)
     spatial_inputs: Optional[Sequence[str]] = None
+    kernel_costs: Optional["KernelCosts"] = None
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -50,6 +56,11 @@ class CompileSettings:
         if not fractions or not all(0.0 < f <= 1.0 for f in fractions):
             raise ValueError(f"expected_active_fraction must be a fraction in (0, 1] or a sequence of them, "
                              f"got {self.expected_active_fraction!r}")
+        from sigec.costs import KernelCosts
+
+        if self.kernel_costs is not None and not isinstance(self.kernel_costs, KernelCosts):
+            raise TypeError(f"kernel_costs must be a sigec.costs.KernelCosts or None, got "
+                            f"{type(self.kernel_costs).__name__}")
         bs = self.block_size
         if isinstance(bs, int) and bs < 1:
             raise ValueError(f"block_size must be >= 1, got {bs}")

@@ -520,11 +520,12 @@ def _batchable(gm: GraphModule) -> GraphModule:
 def compile_temporal(model, example_args=None, example_kwargs: Optional[dict] = None, *, temporal: TemporalSpec,
                      scheduler=None, policy: str = "sige", eps: float = 1e-6, dilation: int = 1,
                      threshold: float = 0.0, block_size=None, expected_active_fraction: float = 0.15,
-                     spatial_inputs=None, cache_budget_bytes: Optional[int] = None, on_cache_full: str = "evict",
-                     on_stale: str = "rerecord", cache_dtype: Optional[torch.dtype] = None) -> "TemporalEngine":
+                     spatial_inputs=None, kernel_costs=None, cache_budget_bytes: Optional[int] = None,
+                     on_cache_full: str = "evict", on_stale: str = "rerecord",
+                     cache_dtype: Optional[torch.dtype] = None) -> "TemporalEngine":
     """Capture ``model``, specialize the cut of ``temporal`` and return a ``TemporalEngine``.
 
-    The spatial options (``policy`` ... ``spatial_inputs``) configure the spatial engines of
+    The spatial options (``policy`` ... ``kernel_costs``) configure the spatial engines of
     ``edits=True``; ``spatial_inputs`` also names the latent inputs (default: every 4-D floating
     input). The cache options apply to the cut values.
     """
@@ -535,7 +536,8 @@ def compile_temporal(model, example_args=None, example_kwargs: Optional[dict] = 
         raise ValueError(f"on_stale must be 'rerecord' or 'raise', got {on_stale!r}")
     settings = CompileSettings(policy=policy, eps=eps, dilation=dilation, threshold=threshold,
                                block_size=block_size, expected_active_fraction=expected_active_fraction,
-                               spatial_inputs=tuple(spatial_inputs) if spatial_inputs is not None else None)
+                               spatial_inputs=tuple(spatial_inputs) if spatial_inputs is not None else None,
+                               kernel_costs=kernel_costs)
     if isinstance(model, torch.nn.Module) and model.training:
         raise ValueError(f"{type(model).__name__} is in training mode: call model.eval() before sigec.compile")
     if example_kwargs and "mask" in example_kwargs:

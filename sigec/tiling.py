@@ -37,7 +37,8 @@ PREVIEW_MAX_FACTOR = 4
 
 #: compile options of the edit-incremental engine and their defaults: they mean nothing here
 _INCREMENTAL_ONLY = dict(policy="sige", eps=1e-6, dilation=1, threshold=0.0, block_size=None,
-                         expected_active_fraction=CompileSettings.expected_active_fraction, on_stale="rerecord")
+                         expected_active_fraction=CompileSettings.expected_active_fraction, on_stale="rerecord",
+                         kernel_costs=None)
 
 __all__ = ["compile_tiled", "TiledModule", "TilingError", "TileReport"]
 

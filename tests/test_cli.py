@@ -118,3 +118,21 @@ def test_demo_rejects_unknown_model():
     assert exc.value.code == 2
     with pytest.raises(ValueError, match="model must be one of"):
         demo.run_demo("unused.png", model="nope")
+
+
+def test_costs_prints_and_caches_this_machines_kernel_costs(tmp_path, monkeypatch, capsys):
+    import json
+
+    from sigec import costs
+
+    monkeypatch.setenv("SIGEC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(costs, "_memo", {})
+    assert main(["costs", "--format", "json", "--threads", "2"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["call"] > 0 and "2 threads" in printed["source"]
+    cached = json.loads((tmp_path / "kernel-costs.json").read_text())
+    assert list(cached.values()) == [printed]
+    costs._memo.clear()
+    assert main(["costs"]) == 0  # text, from the disk cache
+    text = capsys.readouterr().out
+    assert f"cache: {tmp_path / 'kernel-costs.json'}" in text and "dense_mac" in text

@@ -62,7 +62,9 @@ def _load_emulation():
         if not os.path.exists(wrapper) or open(wrapper).read() != text:
             with open(wrapper, "w") as f:
                 f.write(text)
-        cpp_extension.load("sigec_cuda_emulated", [wrapper], extra_cflags=["-O1"], is_python_module=False)
+        # the native builds' link flags: a private libstdc++ where the toolchain links it statically
+        cpp_extension.load("sigec_cuda_emulated", [wrapper], extra_cflags=["-O1"],
+                           extra_ldflags=list(native.LINK_FLAGS), is_python_module=False)
         _EMULATION["ops"] = torch.ops.sigec_cuda_emulated
     return _EMULATION["ops"]
 
@@ -280,6 +282,24 @@ def test_cuda_kernels_match_reference(dtype, layout):
             _assert_close(gpu_args[0], cpu_args[0], dtype)
         if want is not None:
             _assert_close(got, want, dtype)
+
+
+@needs_gpu
+def test_cuda_kernels_refuse_bad_arguments():
+    # error messages that format numbers (shapes, strides) exercise the library's own libstdc++
+    assert native.load_cuda(), native.cuda_status()
+    x = torch.randn(1, 2, 8, 8, device="cuda")
+    one = torch.tensor([[0, 0]], device="cuda")
+    with pytest.raises(ValueError, match="NCHW-contiguous or channels-last"):
+        sigec_ops.scatter_(torch.randn(1, 2, 8, 16, device="cuda")[..., ::2], torch.zeros(1, 2, 4, 4, device="cuda"),
+                           one, [4, 4])
+    with pytest.raises(ValueError, match="blocks must be"):
+        sigec_ops.scatter_(x, torch.zeros(2, 2, 4, 4, device="cuda"), one, [4, 4])
+    with pytest.raises(ValueError, match="scale and shift"):
+        sigec_ops.gather(x, one, [4, 4], [4, 4], [0, 0], "constant", 0.0, torch.ones(1, 3, device="cuda"),
+                         torch.ones(1, 3, device="cuda"), "none", 0.0)
+    with pytest.raises(ValueError, match="keep the block indices on the tensor's device"):
+        sigec_ops.gather(x, one.cpu(), [4, 4], [4, 4], [0, 0], "constant", 0.0, None, None, "none", 0.0)
 
 
 @needs_gpu

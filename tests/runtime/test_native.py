@@ -136,10 +136,10 @@ def test_empty_block_lists_and_bad_arguments():
 def test_reference_kernels_context_switches_and_restores():
     x = torch.randn(1, 3, 8, 8)
     idx = torch.tensor([[0, 1]])
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        with native.reference_kernels():
-            with torch.profiler.profile() as prof:
+    with torch.profiler.profile() as prof:  # outside the filter: on CUDA builds the profiler warns itself
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with native.reference_kernels():
                 sigec.gather(x, idx, [4, 4], [4, 4], [0, 0], "constant", 0.0, None, None, "none", 0.0)
     # the reference gather is built from aten.index_select; the native one calls no aten op
     assert any(e.name == "aten::index_select" for e in prof.events())
@@ -159,3 +159,31 @@ def test_missing_compiler_falls_back_with_one_warning(monkeypatch):
         assert native.load() is False  # reported once
     assert "reference" in native.status()
     assert state["loaded"]  # the real kernels stay registered for the other tests
+
+
+def test_large_outputs_reuse_freed_memory_and_stay_correct():
+    # outputs of 1 MiB and more come from a cache of freed buffers (csrc/cpu_kernels.cpp, OutputPool)
+    x = torch.randn(1, 64, 64, 64)
+    grid = torch.stack(torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij"), -1).reshape(-1, 2)
+    args = (grid, [10, 10], [8, 8], [-1, -1], "constant", 0.0, None, None, "none", 0.0)
+    first = sigec.gather(x, *args)
+    assert first.numel() * 4 >= 1 << 20
+    address = first.data_ptr()
+    first.fill_(float("nan"))  # what a reused buffer holds before the kernel writes it
+    del first
+    second = sigec.gather(x, *args)
+    assert second.data_ptr() == address  # the same memory, ...
+    torch.testing.assert_close(second, REFERENCE_KERNELS["gather"](x, *args), rtol=0, atol=0)  # ... fully rewritten
+    third = sigec.gather(x, *args)
+    assert third.data_ptr() != second.data_ptr()  # a live output is never handed out again
+    torch.testing.assert_close(third, second, rtol=0, atol=0)
+    # a slightly different size shares the size class: a smaller edit reuses the buffer
+    del second
+    fewer = sigec.gather(x, grid[:-1], *args[1:])
+    assert fewer.data_ptr() == address and fewer.is_contiguous()
+    torch.testing.assert_close(fewer, REFERENCE_KERNELS["gather"](x, grid[:-1], *args[1:]), rtol=0, atol=0)
+    # the matrix-product path of conv_windows writes pooled buffers too
+    windows = torch.randn(16, 256, 4, 4)
+    weight, bias = torch.randn(128, 256, 3, 3), torch.randn(128)
+    conv = sigec.conv_windows(windows, weight, bias, [1, 1], [1, 1], 1)
+    torch.testing.assert_close(conv, REFERENCE_KERNELS["conv_windows"](windows, weight, bias, [1, 1], [1, 1], 1))
