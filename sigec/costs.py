@@ -205,6 +205,7 @@ def cache_file() -> Path:
 def _key(device: torch.device, dtype: torch.dtype) -> str:
     from sigec.runtime import native
 
+    native.load()  # the key names the kernels that run: load them before asking
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else _processor()
     return f"{where} | {_threads(device)} | torch {torch.__version__} | {native.status()} | {dtype}"
 
