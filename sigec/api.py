@@ -7,6 +7,7 @@ import torch
 
 from sigec.capture import capture, copy_graph_module
 from sigec.codegen import emit_incremental, emit_recording
+from sigec.costs import KernelCosts
 from sigec.engine import Engine, Plan
 from sigec.passes import ANALYSIS_PASSES, INCREMENTAL_PASSES, PassContext, run_passes
 from sigec.runtime.cache import SlotStore
@@ -18,7 +19,7 @@ def compile(model: "torch.nn.Module | torch.export.ExportedProgram", example_arg
             policy: str = "sige", eps: float = 1e-6, dilation: int = 1, threshold: float = 0.0,
             block_size: BlockSize = None,
             expected_active_fraction: "float | tuple[float, ...]" = CompileSettings.expected_active_fraction,
-            spatial_inputs=None, kernel_costs=None, cache_budget_bytes: Optional[int] = None,
+            spatial_inputs=None, kernel_costs: Optional[KernelCosts] = None, cache_budget_bytes: Optional[int] = None,
             on_cache_full: str = "evict", on_stale: str = "rerecord",
             cache_dtype: Optional[torch.dtype] = None, temporal=None, scheduler=None,
             tiles: Optional[tuple[int, int]] = None, tile_size: "int | tuple[int, int] | None" = None,
@@ -51,8 +52,8 @@ def compile(model: "torch.nn.Module | torch.export.ExportedProgram", example_arg
     native.load()  # the native CPU kernels, built once per torch version; a warning if they cannot be
     options = dict(policy=policy, eps=eps, dilation=dilation, threshold=threshold, block_size=block_size,
                    expected_active_fraction=expected_active_fraction, spatial_inputs=spatial_inputs,
-                   kernel_costs=kernel_costs, cache_budget_bytes=cache_budget_bytes, on_cache_full=on_cache_full, on_stale=on_stale,
-                   cache_dtype=cache_dtype)
+                   kernel_costs=kernel_costs, cache_budget_bytes=cache_budget_bytes, on_cache_full=on_cache_full,
+                   on_stale=on_stale, cache_dtype=cache_dtype)
     if temporal is not None:
         from sigec.temporal import compile_temporal
         return compile_temporal(model, example_args, example_kwargs, temporal=temporal, scheduler=scheduler,
