@@ -8,7 +8,7 @@ exponential moving average of the trained ones. Everything is seeded: the weight
 the data order, the noise and the timesteps, so a run with the same seed and thread count repeats.
 
     pip install scikit-learn                        # the data and the classifier (the "test" extra has it)
-    python examples/train_tiny_ddpm.py              # ~10 min on 2 idle CPU threads; writes sigec/weights/
+    python examples/train_tiny_ddpm.py              # ~10 min on 2 idle CPU threads; writes sigec/models/weights/
     python examples/train_tiny_ddpm.py --check      # train again into a temporary folder and compare the
                                                     # final loss with the shipped model's (within 10%)
     python examples/train_tiny_ddpm.py --score-only # score the shipped weights (below) without training
@@ -312,8 +312,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--ema-decay", type=float, default=0.999, help="(default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
-    p.add_argument("--out-dir", type=Path, default=REPO / "sigec" / "weights",
-                   help="where the weights and manifest go (default: the package's sigec/weights)")
+    p.add_argument("--out-dir", type=Path, default=REPO / "sigec" / "models" / "weights",
+                   help="where the weights and manifest go (default: the package's sigec/models/weights)")
     p.add_argument("--plot", type=Path, default=REPO / "docs" / "digits-ddpm-loss.png",
                    help="loss curve PNG (default: docs/digits-ddpm-loss.png)")
     p.add_argument("--no-score", action="store_true", help="skip the recognisability score (200 samples)")

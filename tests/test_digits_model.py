@@ -93,7 +93,7 @@ def test_load_leaves_the_global_rng_alone():
 
 def test_the_package_data_pattern_covers_the_shipped_files():
     text = (REPO / "pyproject.toml").read_text()
-    assert '"sigec" = ["weights/*.safetensors", "weights/*.json"]' in text
+    assert '"sigec.models" = ["weights/*.safetensors", "weights/*.json"]' in text
 
 
 # -- refusing bad files -------------------------------------------------------------------------

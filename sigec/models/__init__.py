@@ -9,7 +9,7 @@
 * ``SpadeGenerator`` - a GauGAN-style generator (SPADE residual blocks, nearest up-sampling),
   written from the paper's description; ``spade_generator()`` is a small one and
   ``gaugan_cityscapes()`` the paper's Cityscapes configuration (256x512, about 281 GMACs).
-* ``load(name)`` - a *trained* model that ships with sigec (``sigec/weights/``): ``"digits-ddpm"``
+* ``load(name)`` - a *trained* model that ships with sigec (``sigec/models/weights/``): ``"digits-ddpm"``
   is a small DDPM UNet trained on scikit-learn's digits (``examples/train_tiny_ddpm.py``).
 """
 from __future__ import annotations
@@ -218,7 +218,7 @@ def instance_edges(labels: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# trained models that ship with sigec (``sigec/weights/``)
+# trained models that ship with sigec (``sigec/models/weights/``)
 
 #: where the shipped models live: ``<name>.json`` (the manifest) next to ``<name>.safetensors``
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
