@@ -14,8 +14,9 @@ from typing import Any, Callable, Optional
 import torch
 from tqdm import tqdm
 
-from sigec import cuda_graphs, edits
-from sigec.measure import psnr, summary, time_ms  # noqa: F401  (psnr is re-exported)
+from sigec.core import cuda_graphs
+from sigec.frontends import edits
+from sigec.frontends.measure import psnr, summary, time_ms  # noqa: F401  (psnr is re-exported)
 
 
 def ellipse_mask(h: int, w: int, fraction: float) -> torch.Tensor:
@@ -93,7 +94,7 @@ def benchmark_arguments(description: str, default_json: str) -> argparse.Argumen
                    help="where the model runs (cuda: timings synchronize the GPU)")
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="the model's and inputs' dtype")
     p.add_argument("--runner", default="eager", choices=list(cuda_graphs.RUNNERS),
-                   help="how the incremental graph runs (sigec.cuda_graphs.set_runner); the dense model stays eager")
+                   help="how the incremental graph runs (sigec.core.cuda_graphs.set_runner); the dense model stays eager")
     p.add_argument("--profile", action="store_true",
                    help="print where one incremental call of the first edit spends its time (torch.profiler, by op)")
     return p

@@ -5,7 +5,7 @@ ships with sigec (``sigec.models.load("digits-ddpm")``, 16x16 digits). For each 
 size it:
 
 1. samples ``--samples`` digits (seeded DDIM) and edits each: an off-centre ellipse covering the
-   fraction of the image (``sigec.edits.ellipse_mask``, as the other benchmarks) that swaps ink
+   fraction of the image (``sigec.frontends.edits.ellipse_mask``, as the other benchmarks) that swaps ink
    and paper;
 2. runs SDEdit (noise to ``--strength``, then DDIM) on the originals through the engine, which
    records one cache slot per timestep, then on the edited digits with the same noise, densely
@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 import sigec  # noqa: E402
 from benchmarks.common import ellipse_mask, parse_fractions, psnr, time_interleaved, write_json  # noqa: E402
-from sigec.demo import (ddim_sample, ddim_scheduler, engine_denoiser, sdedit, sdedit_timesteps,  # noqa: E402
+from sigec.frontends.demo import (ddim_sample, ddim_scheduler, engine_denoiser, sdedit, sdedit_timesteps,  # noqa: E402
                         timestep_batch, unet_denoiser)
 from sigec.models import load  # noqa: E402
 

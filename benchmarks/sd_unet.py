@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from benchmarks.common import (DTYPES, EditCase, benchmark_arguments, parse_fractions, psnr,  # noqa: E402
                                run_edit_benchmark, write_json)
 from sigec.diffusion import DiffusionEditor, sd_vae  # noqa: E402
-from sigec.edits import ellipse_mask  # noqa: E402
+from sigec.frontends.edits import ellipse_mask  # noqa: E402
 from sigec.models import SD_UNET_CONFIGS, sd_unet  # noqa: E402
 
 TIMESTEP = 500

@@ -42,7 +42,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script or with -m
 
 from benchmarks.common import write_json  # noqa: E402
-from sigec.measure import psnr  # noqa: E402
+from sigec.frontends.measure import psnr  # noqa: E402
 
 SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, norm_num_groups=32,
               sample_size=512)

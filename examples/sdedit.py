@@ -34,7 +34,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sigec.diffusion import DiffusionEditor, image_tensor, sd_vae  # noqa: E402
-from sigec.measure import psnr  # noqa: E402
+from sigec.frontends.measure import psnr  # noqa: E402
 from sigec.models import SD_UNET_CONFIGS, sd_unet  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -240,7 +240,7 @@ def save_model(model, out_dir: Path, manifest: dict) -> dict:
 @torch.no_grad()
 def sample_digits(model, scheduler_config: dict, count: int, steps: int, seed: int) -> torch.Tensor:
     """``count`` DDIM samples in one batched call per step, seeded."""
-    from sigec.demo import ddim_sample, ddim_scheduler, unet_denoiser
+    from sigec.frontends.demo import ddim_sample, ddim_scheduler, unet_denoiser
 
     noise = torch.randn((count, 1, RESOLUTION, RESOLUTION), generator=torch.Generator().manual_seed(seed))
     return ddim_sample(unet_denoiser(model), ddim_scheduler(scheduler_config, steps), noise)

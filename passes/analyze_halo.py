@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from torch.fx import GraphModule
 
-from sigec import meta_keys as K
+from sigec.ir import meta_keys as K
 from sigec.passes.op_table import OpKind, identity_window
 from sigec.passes.pass_base import PassContext, sigec_pass
-from sigec.plan import SpatialKind
+from sigec.ir.plan import SpatialKind
 
 
 def _block_multiples(gm: GraphModule) -> dict:

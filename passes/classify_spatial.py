@@ -14,10 +14,10 @@ from typing import Optional
 import torch
 from torch.fx import GraphModule, Node
 
-from sigec import meta_keys as K
+from sigec.ir import meta_keys as K
 from sigec.passes.op_table import OpKind, lookup
 from sigec.passes.pass_base import PassContext, UserInputError, sigec_pass
-from sigec.plan import NCHW, NHWC, SpatialInfo, SpatialKind
+from sigec.ir.plan import NCHW, NHWC, SpatialInfo, SpatialKind
 
 
 class SpatialInputError(UserInputError):

@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
-from sigec import meta_keys as K
+from sigec.ir import meta_keys as K
 from sigec.passes.op_table import OpKind, arg, lookup
 from sigec.passes.pass_base import PassContext, sigec_pass
-from sigec.plan import NCHW, SpatialKind
+from sigec.ir.plan import NCHW, SpatialKind
 
 aten = torch.ops.aten
 Interval = tuple[int, int]

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch.fx import Graph, GraphModule, Node
 
-from sigec import meta_keys as K
+from sigec.ir import meta_keys as K
 from sigec.passes.pass_base import PassContext, dense_nodes, finish_rewrite, sigec_pass
 
 aten = torch.ops.aten

@@ -17,10 +17,10 @@ from typing import Optional
 import torch
 from torch.fx import GraphModule, Node
 
-from sigec import meta_keys as K
+from sigec.ir import meta_keys as K
 from sigec.passes.op_table import OpKind
 from sigec.passes.pass_base import PassContext, sigec_pass
-from sigec.plan import DecisionKind, GatherPrologue, SpatialKind
+from sigec.ir.plan import DecisionKind, GatherPrologue, SpatialKind
 
 aten = torch.ops.aten
 

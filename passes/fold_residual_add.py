@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule
 
-from sigec import meta_keys as K
+from sigec.ir import meta_keys as K
 from sigec.passes.pass_base import PassContext, finish_rewrite, sigec_pass
 
 aten = torch.ops.aten

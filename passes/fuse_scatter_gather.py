@@ -16,7 +16,7 @@ import operator
 import torch
 from torch.fx import GraphModule
 
-from sigec import meta_keys as K
+from sigec.ir import meta_keys as K
 from sigec.passes.pass_base import PassContext, finish_rewrite, sigec_pass
 
 sigec_ops = torch.ops.sigec

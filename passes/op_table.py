@@ -33,7 +33,7 @@ from typing import Callable, Optional
 import torch
 from torch.fx import Node
 
-from sigec import meta_keys as K
+from sigec.ir import meta_keys as K
 from sigec.runtime import attention as _attention  # noqa: F401  (registers torch.ops.sigec.attention)
 from sigec.runtime import ops as _ops  # noqa: F401  (registers torch.ops.sigec.conv_windows)
 from sigec.runtime import masks as M

@@ -5,7 +5,7 @@ A local op goes sparse when the cost model says it is faster. The plan's own mas
 are evaluated on a centred square edit of the area the settings plan for
 (``expected_active_fraction``), which gives the fraction ``t`` of blocks each value really
 activates (receptive-field growth under ``exact``, dilation under ``sige``), and the measured
-kernel costs (``sigec.costs``: this machine's, or ``settings.kernel_costs``) price both ways:
+kernel costs (``sigec.ir.costs``: this machine's, or ``settings.kernel_costs``) price both ways:
 
     dense  = call + weight bytes * dense_weight_byte + MACs * dense_mac + output * element
              [+ t * input * element when the input is produced sparse: its blocks are scattered]
@@ -25,12 +25,12 @@ import math
 import torch
 from torch.fx import GraphModule, Node
 
-from sigec import meta_keys as K
-from sigec.costs import KernelCosts, machine_costs
-from sigec.macs import node_macs
+from sigec.ir import meta_keys as K
+from sigec.ir.costs import KernelCosts, machine_costs
+from sigec.ir.macs import node_macs
 from sigec.passes.op_table import OpKind
 from sigec.passes.pass_base import PassContext, sigec_pass
-from sigec.plan import Decision, DecisionKind, SpatialKind
+from sigec.ir.plan import Decision, DecisionKind, SpatialKind
 from sigec.runtime.masks import active_blocks, evaluate_masks, grid_shape
 
 

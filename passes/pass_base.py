@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from torch.fx import GraphModule
 
-from sigec.settings import CompileSettings
+from sigec.ir.settings import CompileSettings
 
 if TYPE_CHECKING:
-    from sigec.costs import KernelCosts
+    from sigec.ir.costs import KernelCosts
 
 log = logging.getLogger("sigec.passes")
 
@@ -36,7 +36,7 @@ class PassContext:
             (written by classify_spatial and partition, read by reports).
         approximations: ``{node name: reason}`` for nodes whose incremental result is not the
             dense model's even under ``exact`` (written by propagate_masks).
-        kernel_costs: the ``sigec.costs.KernelCosts`` the partition priced its decisions with
+        kernel_costs: the ``sigec.ir.costs.KernelCosts`` the partition priced its decisions with
             (written by partition, read by reports).
         dense_graph: the analysed graph the incremental graph was emitted from (set before the
             incremental passes; an emitted node's ``sigec.origin`` names its node there).

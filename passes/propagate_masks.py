@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from torch.fx import GraphModule, Node
 
-from sigec import meta_keys as K
+from sigec.ir import meta_keys as K
 from sigec.passes.op_table import OpKind
 from sigec.passes.pass_base import PassContext, sigec_pass
-from sigec.plan import SpatialKind
+from sigec.ir.plan import SpatialKind
 from sigec.runtime import masks as M
 
 

@@ -40,11 +40,11 @@ from typing import Optional
 import torch
 from torch.fx import GraphModule, Node
 
-from sigec import meta_keys as K
-from sigec.macs import macs_per_output_pixel
+from sigec.ir import meta_keys as K
+from sigec.ir.macs import macs_per_output_pixel
 from sigec.passes.classify_tiling import Role, TileKind, area
 from sigec.passes.pass_base import PassContext, UserInputError, sigec_pass
-from sigec.plan import NCHW, SpatialKind
+from sigec.ir.plan import NCHW, SpatialKind
 
 log = logging.getLogger("sigec.tiling")
 

@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 import torch
 from torch.fx import Graph, GraphModule, Node
 
-from sigec import meta_keys as K
+from sigec.ir import meta_keys as K
 from sigec.passes.pass_base import PassContext, UserInputError, sigec_pass
 
 CUT, PARTIAL, FULL = "cut", "partial", "full"

@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule
 
-from sigec import meta_keys as K
+from sigec.ir import meta_keys as K
 from sigec.passes.op_table import OpKind
-from sigec.plan import DecisionKind, SpatialKind
+from sigec.ir.plan import DecisionKind, SpatialKind
 
 _ORDER = ["classify_spatial", "propagate_masks", "analyze_halo", "partition", "fold_norm_activation"]
 

@@ -19,10 +19,10 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
-from sigec import meta_keys as K
-from sigec.codegen.incremental import needs_select
+from sigec.ir import meta_keys as K
+from sigec.ir.plan import needs_select
 from sigec.passes.op_table import OpKind, norm_args, num_groups
-from sigec.plan import NHWC, DecisionKind, SpatialKind
+from sigec.ir.plan import NHWC, DecisionKind, SpatialKind
 from sigec.runtime import masks as M
 
 

@@ -17,10 +17,10 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
-from sigec import meta_keys as K
+from sigec.ir import meta_keys as K
 from sigec.passes.classify_tiling import Role, TileKind
 from sigec.passes.schedule_tiles import TileGrid, TilePlan, bands, layout_of, resolution
-from sigec.plan import NCHW
+from sigec.ir.plan import NCHW
 
 log = logging.getLogger("sigec.tiling")
 

@@ -3,7 +3,7 @@ import importlib
 import pytest
 import torch
 
-from sigec.costs import KernelCosts
+from sigec.ir.costs import KernelCosts
 from sigec.runtime import native
 
 # the module (the package exports the pass function under the same name)

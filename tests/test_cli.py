@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 import sigec
-from sigec import demo
-from sigec.cli import main
+from sigec.frontends import demo
+from sigec.frontends.cli import main
 
 
 def test_version_flag(capsys):
@@ -22,7 +22,7 @@ def test_version_flag(capsys):
 
 
 def test_version_via_python_dash_m():
-    proc = subprocess.run([sys.executable, "-m", "sigec.cli", "--version"],
+    proc = subprocess.run([sys.executable, "-m", "sigec.frontends.cli", "--version"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"sigec {sigec.__version__}"
@@ -123,7 +123,7 @@ def test_demo_rejects_unknown_model():
 def test_costs_prints_and_caches_this_machines_kernel_costs(tmp_path, monkeypatch, capsys):
     import json
 
-    from sigec import costs
+    from sigec.ir import costs
 
     monkeypatch.setenv("SIGEC_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(costs, "_memo", {})

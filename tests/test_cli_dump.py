@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 import sigec
-from sigec.cli import main
-from sigec.edits import ellipse_mask
+from sigec.frontends.cli import main
+from sigec.frontends.edits import ellipse_mask
 from sigec.passes import ANALYSIS_PASSES, INCREMENTAL_PASSES
 from tests import cli_targets
 
@@ -356,11 +356,11 @@ def test_help_lists_the_commands(capsys):
 
 
 def test_python_dash_m_dump_and_error():
-    ok = subprocess.run([sys.executable, "-m", "sigec.cli", "dump", TINY, "--format", "json"],
+    ok = subprocess.run([sys.executable, "-m", "sigec.frontends.cli", "dump", TINY, "--format", "json"],
                         capture_output=True, text=True, timeout=300, cwd=REPO)
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["totals"]["dense_macs"] > 0
-    bad = subprocess.run([sys.executable, "-m", "sigec.cli", "dump", "nosuch_pkg:f"],
+    bad = subprocess.run([sys.executable, "-m", "sigec.frontends.cli", "dump", "nosuch_pkg:f"],
                          capture_output=True, text=True, timeout=300, cwd=REPO)
     assert bad.returncode == 1 and bad.stdout == ""
     assert bad.stderr.strip() == ("sigec: error: cannot import module 'nosuch_pkg' from TARGET 'nosuch_pkg:f': "

@@ -1,4 +1,4 @@
-"""sigec.costs: measuring kernel costs, caching them per machine, and using them in compile."""
+"""sigec.ir.costs: measuring kernel costs, caching them per machine, and using them in compile."""
 import dataclasses
 import json
 import logging
@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 
 import sigec
-from sigec import costs
-from sigec.costs import KernelCosts
+from sigec.ir import costs
+from sigec.ir.costs import KernelCosts
 
 GIVEN = KernelCosts(dense_mac=5e-12, dense_weight_byte=7e-11, sparse_mac=7e-12, sparse_weight_byte=6e-11,
                     element=5e-10, call=2e-5, source="given in a test")
@@ -64,7 +64,7 @@ def test_a_damaged_cache_is_measured_again_with_a_warning(cache_home, caplog, co
     path.parent.mkdir(parents=True)
     key = costs._key(torch.device("cpu"), torch.float32)
     path.write_text(content.replace("KEY", key.replace('"', '\\"')))
-    with caplog.at_level(logging.WARNING, logger="sigec.costs"):
+    with caplog.at_level(logging.WARNING, logger="sigec.ir.costs"):
         got = costs.machine_costs("cpu", torch.float32)
     assert len(calls) == 1 and got.source == "measure #1"
     assert "kernel-cost cache" in caplog.text and "measuring again" in caplog.text
@@ -75,7 +75,7 @@ def test_an_unwritable_cache_still_returns_costs(cache_home, caplog, monkeypatch
     path, calls = cache_home
     path.parent.parent.mkdir(parents=True, exist_ok=True)
     path.parent.write_text("a file where the cache folder should be")
-    with caplog.at_level(logging.WARNING, logger="sigec.costs"):
+    with caplog.at_level(logging.WARNING, logger="sigec.ir.costs"):
         got = costs.machine_costs("cpu", torch.float32)
     assert got.source == "measure #1" and "could not cache the kernel costs" in caplog.text
 
@@ -84,7 +84,7 @@ def test_bad_costs_are_refused_with_the_field_named():
     with pytest.raises(ValueError, match="KernelCosts.call must be a positive"):
         KernelCosts(dense_mac=1e-12, dense_weight_byte=1e-11, sparse_mac=1e-12, sparse_weight_byte=1e-11,
                     element=1e-10, call=0.0)
-    with pytest.raises(TypeError, match="kernel_costs must be a sigec.costs.KernelCosts"):
+    with pytest.raises(TypeError, match="kernel_costs must be a sigec.ir.costs.KernelCosts"):
         sigec.compile(nn.Conv2d(2, 2, 3, padding=1).eval(), torch.randn(1, 2, 8, 8), kernel_costs={"call": 1e-5})
 
 

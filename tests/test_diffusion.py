@@ -22,9 +22,9 @@ pytest.importorskip("diffusers")
 import sigec  # noqa: E402
 from sigec.diffusion import (SD_SCHEDULER_CONFIG, DiffusionEditor, SlotEvictedError, latent_mask,  # noqa: E402
                              sd_vae)
-from sigec.edits import ellipse_mask  # noqa: E402
-from sigec.engine import EngineError  # noqa: E402
-from sigec.measure import psnr  # noqa: E402
+from sigec.frontends.edits import ellipse_mask  # noqa: E402
+from sigec.core.engine import EngineError  # noqa: E402
+from sigec.frontends.measure import psnr  # noqa: E402
 from sigec.models import sd_unet  # noqa: E402
 from sigec.runtime.cache import CacheBudgetError  # noqa: E402
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sigec import demo
+from sigec.frontends import demo
 from sigec.models import WEIGHTS_DIR, WeightsError, available_models, load, read_manifest
 
 REPO = Path(__file__).resolve().parent.parent

@@ -208,7 +208,7 @@ def test_scatters_write_the_cache_in_place_and_undo_uncommitted_edits(setup):
 def test_working_buffers_follow_a_sequence_of_uncommitted_edits(monkeypatch):
     """Edits that repeat, grow, move and switch plans: each equals the dense model (exact), a
     repeated edit reads no baseline again, and an unedited call leaves the recording intact."""
-    import sigec.engine as engine_module
+    import sigec.core.engine as engine_module
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1),

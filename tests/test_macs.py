@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sigec
-from sigec.edits import ellipse_mask
+from sigec.frontends.edits import ellipse_mask
 
 aten = torch.ops.aten
 TOLERANCE = 0.05

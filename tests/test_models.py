@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import sigec
-from sigec.edits import ellipse_mask
-from sigec.measure import psnr
+from sigec.frontends.edits import ellipse_mask
+from sigec.frontends.measure import psnr
 from sigec.models import autoencoder_kl, ddpm_unet, label_map, spade_generator
 from sigec.runtime import ReferenceRuntime
 

@@ -11,7 +11,7 @@ import torch.nn as nn
 from diffusers import DDIMScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler
 
 import sigec
-from sigec.engine import EngineError
+from sigec.core.engine import EngineError
 from sigec.models import ddpm_unet, sd_unet
 from sigec.passes.specialize_cut import CutError
 from sigec.runtime.cache import CacheBudgetError
@@ -19,7 +19,7 @@ from sigec.temporal import (FASTER_DIFFUSION_DDIM50, Auto, DeepCache, FasterDiff
                             TemporalCompositionError, Uniform, choose_key_steps, step_weights)
 
 from benchmarks.temporal import ddim_loop
-from sigec.measure import psnr
+from sigec.frontends.measure import psnr
 
 FULL, PARTIAL = "full", "partial"
 

@@ -9,9 +9,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import sigec
-from sigec import meta_keys as K
-from sigec.macs import macs_per_output_pixel
-from sigec.measure import psnr
+from sigec.ir import meta_keys as K
+from sigec.ir.macs import macs_per_output_pixel
+from sigec.frontends.measure import psnr
 from sigec.tiling import TiledModule, TilingError, compile_tiled
 from tests.random_nets import random_nets
 
@@ -384,7 +384,7 @@ def test_benchmark_quick_mode(tmp_path):
 
 
 def test_sigec_dump_tiles(capsys):
-    from sigec.cli import main
+    from sigec.frontends.cli import main
 
     assert main(["dump", "tests.cli_targets:church_small", "--tiles", "2x2"]) == 0
     text = capsys.readouterr().out

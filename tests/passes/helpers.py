@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from sigec.capture import capture
+from sigec.core.capture import capture
 from sigec.passes import ANALYSIS_PASSES, PassContext, run_passes
 from sigec.passes.verifier import verify
-from sigec.settings import CompileSettings
+from sigec.ir.settings import CompileSettings
 
 
 def analyse(model: torch.nn.Module, args: tuple, until: str = "fold_norm_activation", **settings):

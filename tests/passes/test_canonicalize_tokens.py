@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from sigec.capture import capture, copy_graph_module
+from sigec.core.capture import capture, copy_graph_module
 from sigec.passes import PassContext, canonicalize_tokens
-from sigec.settings import CompileSettings
+from sigec.ir.settings import CompileSettings
 from tests.attention_nets import HandWrittenAttention, HandWrittenNet, PooledTokens, TransformerNet
 from tests.passes.helpers import nodes_by_target
 

@@ -2,10 +2,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from sigec import meta_keys as K
+from sigec.ir import meta_keys as K
 from sigec.passes.classify_spatial import SpatialInputError
 from sigec.passes.op_table import OpKind
-from sigec.plan import SpatialKind
+from sigec.ir.plan import SpatialKind
 from tests.passes.helpers import analyse, node
 
 aten = torch.ops.aten

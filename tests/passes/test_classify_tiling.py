@@ -6,12 +6,12 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sigec import meta_keys as K
-from sigec.capture import capture
+from sigec.ir import meta_keys as K
+from sigec.core.capture import capture
 from sigec.passes import PassContext, run_passes
 from sigec.passes.classify_spatial import classify_spatial
 from sigec.passes.classify_tiling import TileKind, classify_tiling
-from sigec.settings import CompileSettings
+from sigec.ir.settings import CompileSettings
 from tests.passes.helpers import node, nodes_by_target
 
 aten = torch.ops.aten

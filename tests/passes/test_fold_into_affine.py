@@ -3,9 +3,10 @@ import torch
 import torch.nn as nn
 
 import sigec
-from sigec.codegen import emit_incremental
+from sigec.core.codegen import emit_incremental
 from sigec.passes import INCREMENTAL_PASSES, drop_identity_ops, fold_into_affine
 from sigec.passes.verifier import verify_incremental
+from sigec.spatial import build as spatial_build
 from tests.passes.helpers import analyse, nodes_by_target
 
 ops = torch.ops.sigec
@@ -82,6 +83,6 @@ def test_engine_output_is_unchanged_by_the_fold(batch, monkeypatch):
         return engine(x2, t)
 
     folded = edited_output()
-    monkeypatch.setattr(sigec.api, "INCREMENTAL_PASSES", [p for p in INCREMENTAL_PASSES if p is not fold_into_affine])
+    monkeypatch.setattr(spatial_build, "INCREMENTAL_PASSES", [p for p in INCREMENTAL_PASSES if p is not fold_into_affine])
     torch.testing.assert_close(folded, edited_output(), rtol=1e-5, atol=1e-6)
     assert not torch.equal(folded, model(x, t))  # the edit did reach the output

@@ -1,7 +1,7 @@
 import torch
 import torch.nn as nn
 
-from sigec import meta_keys as K
+from sigec.ir import meta_keys as K
 from tests.passes.helpers import analyse, node
 
 

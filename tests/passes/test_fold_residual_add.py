@@ -2,7 +2,7 @@ import torch
 import torch.nn as nn
 
 import sigec
-from sigec.codegen import emit_incremental
+from sigec.core.codegen import emit_incremental
 from sigec.passes import fold_residual_add
 from sigec.passes.verifier import verify_incremental
 from tests.passes.helpers import analyse, nodes_by_target

@@ -5,10 +5,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sigec
-from sigec import meta_keys as K
+from sigec.ir import meta_keys as K
 from sigec.passes import op_table
 from sigec.passes.op_table import OpKind, lookup
-from sigec.plan import DecisionKind
+from sigec.ir.plan import DecisionKind
 
 aten = torch.ops.aten
 

@@ -2,10 +2,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from sigec import meta_keys as K
-from sigec.costs import KernelCosts
+from sigec.ir import meta_keys as K
+from sigec.ir.costs import KernelCosts
 from sigec.passes.partition import estimated_seconds, representative_mask
-from sigec.plan import Decision, DecisionKind
+from sigec.ir.plan import Decision, DecisionKind
 from tests.passes.helpers import analyse, node
 
 
@@ -43,7 +43,7 @@ def test_representative_mask_area():
     assert m.sum() == 400
 
 
-#: what sigec.costs.measure gave on the development machine (2 cores, native kernels, fp32)
+#: what sigec.ir.costs.measure gave on the development machine (2 cores, native kernels, fp32)
 MEASURED = KernelCosts(dense_mac=5.0e-12, dense_weight_byte=7.5e-11, sparse_mac=6.8e-12, sparse_weight_byte=6.0e-11,
                        element=5.5e-10, call=2.0e-5, source="development machine")
 

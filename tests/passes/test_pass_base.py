@@ -2,10 +2,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from sigec.capture import capture
+from sigec.core.capture import capture
 from sigec.passes import ANALYSIS_PASSES, INCREMENTAL_PASSES, PassContext, PassError, check_order, dump_passes, run_passes
 from sigec.passes import analyze_halo, classify_spatial, partition, propagate_masks, sigec_pass
-from sigec.settings import CompileSettings
+from sigec.ir.settings import CompileSettings
 
 
 def test_pipeline_order_is_valid_and_printable():

@@ -2,7 +2,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sigec import meta_keys as K
+from sigec.ir import meta_keys as K
 from sigec.runtime import masks as M
 from tests.passes.helpers import analyse, node
 

@@ -4,11 +4,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sigec import meta_keys as K
-from sigec.capture import capture
+from sigec.ir import meta_keys as K
+from sigec.core.capture import capture
 from sigec.passes import TILING_PASSES, run_passes
 from sigec.passes.schedule_tiles import TileGrid, TilingContext, TilingError, halos
-from sigec.settings import CompileSettings
+from sigec.ir.settings import CompileSettings
 from tests.passes.helpers import node
 
 

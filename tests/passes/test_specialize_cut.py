@@ -5,13 +5,13 @@ import torch.nn as nn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sigec import meta_keys as K
-from sigec.capture import capture
-from sigec.macs import node_macs
+from sigec.ir import meta_keys as K
+from sigec.core.capture import capture
+from sigec.ir.macs import node_macs
 from sigec.passes import PassContext, TEMPORAL_PASSES, run_passes
 from sigec.passes.specialize_cut import (CUT, FULL, PARTIAL, CutContext, CutError, check_specialization,
                                          specialize_cut)
-from sigec.settings import CompileSettings
+from sigec.ir.settings import CompileSettings
 from tests.random_nets import random_nets
 
 aten = torch.ops.aten

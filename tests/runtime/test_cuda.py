@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sigec
-from sigec import cuda_graphs
+from sigec.core import cuda_graphs
 from sigec.runtime import ReferenceRuntime, native, token_ops
 from sigec.runtime.ops import ACTIVATIONS, REFERENCE_KERNELS
 

@@ -1,0 +1,447 @@
+"""The incremental engine returned by ``sigec.compile``."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import threading
+from itertools import chain
+from typing import TYPE_CHECKING, Any, Hashable, Optional
+
+import torch
+from torch.fx import GraphModule
+from torch.utils import _pytree as pytree
+
+from sigec.core import inputs
+from sigec.ir import meta_keys as K
+from sigec.core.codegen.incremental import VALUE, IncrementalSignature
+from sigec.passes.pass_base import PassContext
+from sigec.runtime import masks as M
+from sigec.runtime.cache import Slot, SlotStore, fingerprint
+
+if TYPE_CHECKING:
+    from sigec.core.report import Report
+
+log = logging.getLogger("sigec")
+
+
+class EngineError(RuntimeError):
+    """Misuse of an engine: editing before recording, wrong mask, wrong input shape, ..."""
+
+
+def _nchw(t: torch.Tensor, nhwc: bool) -> torch.Tensor:
+    """The NCHW view of a cached value (NHWC values are permuted, as the graph does)."""
+    return t.permute(0, 3, 1, 2) if nhwc else t
+
+
+def _writable(t: torch.Tensor, nhwc: bool) -> torch.Tensor:
+    """``t`` in a layout ``sigec.scatter_`` writes into: its NCHW view must be NCHW-contiguous or
+    channels-last (one copy at record time if the model produced another layout)."""
+    view = _nchw(t, nhwc)
+    if view.is_contiguous() or view.is_contiguous(memory_format=torch.channels_last):
+        return t
+    return t.contiguous()
+
+
+def _read_blocks(t: torch.Tensor, indices: torch.Tensor, block: list) -> torch.Tensor:
+    """The blocks of the NCHW tensor ``t`` at ``indices`` (a copy)."""
+    return torch.ops.sigec.gather(t, indices, block, block, [0, 0], "constant", 0.0, None, None, "none", 0.0)
+
+
+def _block_keys(indices: torch.Tensor) -> torch.Tensor:
+    return indices[:, 0] * (1 << 32) + indices[:, 1]
+
+
+def _put_back(slot: Slot, entry: tuple) -> None:
+    """Write the saved baselines of one ``slot.dirty`` entry back into its cache."""
+    pos, indices, block, nhwc, saved = entry
+    torch.ops.sigec.scatter_(_nchw(slot.caches[pos], nhwc), saved, indices, block)
+
+
+def _rebase_working_buffers(slot: Slot, writes: list) -> list:
+    """Prepare the slot's in-place caches for a run that writes ``writes`` = ``[(cache position,
+    block indices, block, nhwc)]``; return the new ``slot.dirty``.
+
+    Each cache must hold its baseline everywhere the run does not write. Blocks the previous
+    uncommitted edit dirtied are restored only where this run does not overwrite them, and the
+    baseline of a block is read only when the block is dirtied for the first time: repeating or
+    refining an edit over the same blocks moves no data here. (A plan writes each cache at most
+    once, so positions are unique in both lists.)
+    """
+    previous = {entry[0]: entry for entry in slot.dirty or []}
+    dirty = []
+    # caches on one grid share their index tensors: compare each pair once (on a GPU
+    # torch.equal waits for the device, and a UNet has about a hundred caches)
+    equal: dict = {}
+    for pos, indices, block, nhwc in writes:
+        base = _nchw(slot.caches[pos], nhwc)
+        old = previous.pop(pos, None)
+        if old is not None and (old[2], old[3]) != (block, nhwc):  # another grid: start afresh
+            _put_back(slot, old)
+            old = None
+        if old is None:
+            saved = _read_blocks(base, indices, block)
+        else:
+            _, old_indices, _, _, old_saved = old
+            pair = (id(old_indices), id(indices))
+            if pair not in equal:
+                equal[pair] = old_indices is indices or (old_indices.shape == indices.shape
+                                                         and torch.equal(old_indices, indices))
+            same = equal[pair]
+            saved = old_saved if same else _rebase_blocks(base, old_indices, old_saved, indices, block)
+        dirty.append((pos, indices, block, nhwc, saved))
+    for entry in previous.values():  # caches this run does not write
+        _put_back(slot, entry)
+    return dirty
+
+
+def _rebase_blocks(base: torch.Tensor, old_indices: torch.Tensor, old_saved: torch.Tensor,
+                   indices: torch.Tensor, block: list) -> torch.Tensor:
+    """Restore the blocks of ``old_indices`` that ``indices`` does not cover, and return the
+    baselines of ``indices``: kept from ``old_saved`` where known, read from ``base`` elsewhere.
+    Saved blocks are block-major: rows ``b * N`` to ``b * N + N - 1`` hold block b of N samples."""
+    n = base.shape[0]
+    old_keys, keys = _block_keys(old_indices), _block_keys(indices)
+    stale = ~torch.isin(old_keys, keys)  # dirtied before, not overwritten now
+    if bool(stale.any()):
+        torch.ops.sigec.scatter_(base, old_saved[stale.repeat_interleave(n)], old_indices[stale], block)
+    order = torch.argsort(old_keys)
+    at = torch.searchsorted(old_keys[order], keys).clamp(max=max(len(old_keys) - 1, 0))
+    known = old_keys[order][at] == keys if len(old_keys) else torch.zeros_like(keys, dtype=torch.bool)
+    known_rows = known.repeat_interleave(n)
+    saved = old_saved.new_empty((indices.shape[0] * n, *old_saved.shape[1:]))
+    saved[known_rows] = old_saved[(order[at[known]][:, None] * n + torch.arange(n, device=order.device)).reshape(-1)]
+    saved[~known_rows] = _read_blocks(base, indices[~known], block)
+    return saved
+
+
+@dataclasses.dataclass
+class Plan:
+    """One compiled plan: the graph analysed for one planned edit area, and its incremental graph.
+
+    Attributes:
+        planned_fraction: the edit area (fraction of the image) the cost model planned for.
+        graph_module: the analysed dense graph (``node.meta`` holds this plan's decisions).
+        context: the pass context of the analysis.
+        incremental: GraphModule ``(*inputs, *cached, *block indices, *pixel masks) ->
+            (*outputs, *updated cached values)``.
+        signature: positions of the incremental graph's inputs and outputs.
+        cache_positions: where each of ``signature.caches`` is in a slot's cache list.
+    """
+
+    planned_fraction: float
+    graph_module: GraphModule
+    context: PassContext
+    incremental: GraphModule
+    signature: IncrementalSignature
+    cache_positions: list = dataclasses.field(default_factory=list)
+
+
+class Engine(torch.nn.Module):
+    """Runs a model incrementally.
+
+    The first call for a cache slot records (a dense run that keeps what later edits need).
+    Later calls compare the spatial inputs with the recorded ones and recompute only the affected
+    blocks. ``mask=`` (H x W, or N x H x W per sample, boolean) is authoritative instead: only what
+    it covers is recomputed, and pixels outside it keep their recorded values even where the input
+    changed. Slots are chosen by the values of the non-spatial inputs (for example the timestep)
+    or named with ``with engine.slot(name):``.
+
+    Each call runs the plan made for the edit area nearest to its own (``plans``, one per
+    ``expected_active_fraction``); all plans read the same slots.
+
+    Attributes:
+        plans: the compiled plans, by ascending planned edit area.
+        recording: GraphModule ``(*inputs) -> (*outputs, *cached)``, with the caches of every plan
+            in the order of ``cache_keys``.
+        graph_module, context, incremental, signature: those of the plan the last edit ran (or
+            that ``report(mask)`` chose); the first plan before any edit.
+    """
+
+    def __init__(self, plans: list[Plan], recording: GraphModule, cache_keys: list, in_spec, out_spec,
+                 input_names: list[str], store: SlotStore, source: Optional[torch.nn.Module] = None,
+                 on_stale: str = "rerecord", cache_dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        if on_stale not in ("rerecord", "raise"):
+            raise ValueError(f"on_stale must be 'rerecord' or 'raise', got {on_stale!r}")
+        self.plans = plans
+        self.recording = recording
+        self.cache_keys = cache_keys
+        self._plan = plans[0]
+        for plan in plans:
+            plan.cache_positions = [cache_keys.index(key) for key in plan.signature.caches]
+        graph_module, ctx = plans[0].graph_module, plans[0].context
+        self._in_spec, self._out_spec = in_spec, out_spec
+        self.input_names = input_names
+        self._spatial_pos = [input_names.index(n) for n in ctx.spatial_inputs]
+        self._examples = [n.meta.get("val") for n in graph_module.graph.nodes if n.op == "placeholder"]
+        self.store = store
+        self._slot_name: Optional[Hashable] = None
+        self._pending: Optional[dict] = None
+        self.last_stats: Optional[dict] = None
+        self.on_stale = on_stale
+        self.cache_dtype = cache_dtype
+        # cached activations that may be stored in cache_dtype (values of edited nodes only: slot
+        # constants and normalization affines are small and used as they are)
+        updated = {name for plan in plans for name in plan.signature.updated}
+        self._narrowable = {i for i, (name, kind) in enumerate(cache_keys) if kind == VALUE and name in updated}
+        # per plan, the caches its incremental graph overwrites in place: (slot cache position,
+        # block-index position, block size, NHWC); the overwritten blocks are saved before a run
+        # and restored before the next
+        self._inplace = {id(plan): [(plan.cache_positions[c], b, list(plan.signature.blocks[b][1]), nhwc)
+                                    for c, b, nhwc in plan.signature.inplace] for plan in plans}
+        # per plan, the slot caches its runs keep up to date (written in place or returned)
+        self._maintained = [frozenset([pos for pos, _, _, _ in self._inplace[id(plan)]]
+                                      + [cache_keys.index((name, VALUE)) for name in plan.signature.updated])
+                            for plan in plans]
+        self._working_buffers = sorted({(pos, nhwc) for entries in self._inplace.values() for pos, _, _, nhwc in entries})
+        # (name, tensor, identity) of every parameter and buffer the graphs read; the model's own
+        # objects, so in-place updates show up in their version counters.
+        self._watched = [(name, t, id(t)) for name, t in
+                         chain(graph_module.named_parameters(), graph_module.named_buffers())]
+        # where each watched tensor lives in the user's model, to see it replaced by another
+        self._owners = inputs.owners(source, [name for name, _, _ in self._watched]) if source is not None else []
+        self._lock = threading.RLock()
+        self._device = self._watched[0][1].device if self._watched else None
+        self._placement = [(t.dtype, t.device) for _, t, _ in self._watched]
+
+    def _apply(self, fn, recurse=True):
+        """``engine.to(...)``, ``.half()``, ``.cuda()``...: refused before anything changes.
+
+        The captured graphs have the model's dtype and device written into them (casts, tensor
+        factories), so a moved engine would not compute the moved model: compile it again.
+        """
+        inputs.refuse_move(self._watched[0][1] if getattr(self, "_watched", None) else None, fn, EngineError)
+        return super()._apply(fn, recurse)
+
+    # -- plans --------------------------------------------------------------------------------
+    @property
+    def graph_module(self) -> GraphModule:
+        return self._plan.graph_module
+
+    @property
+    def context(self) -> PassContext:
+        return self._plan.context
+
+    @property
+    def incremental(self) -> GraphModule:
+        return self._plan.incremental
+
+    @property
+    def signature(self) -> IncrementalSignature:
+        return self._plan.signature
+
+    def plan_for(self, input_mask: torch.Tensor, slot: Optional[Slot] = None) -> Plan:
+        """The plan made for the edit area nearest (in ratio) to ``input_mask``'s, among those
+        whose caches in ``slot`` match its baseline."""
+        area = max(float(input_mask.float().mean()), 1e-6)
+        fresh = [p for i, p in enumerate(self.plans) if slot is None or slot.fresh_plans is None or i in slot.fresh_plans]
+        return min(fresh, key=lambda p: abs(math.log(p.planned_fraction / area)))
+
+    # -- slots --------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def slot(self, name: Hashable):
+        """Use the cache slot ``name`` for the calls inside the block."""
+        previous, self._slot_name = self._slot_name, name
+        try:
+            yield self
+        finally:
+            self._slot_name = previous
+
+    def clear(self) -> None:
+        """Forget every recorded slot."""
+        self.store.clear()
+        self._pending = None
+
+    # -- staleness ----------------------------------------------------------------------------
+    def _state_versions(self) -> tuple:
+        return inputs.state_versions(self._watched)
+
+    def _check_identity(self) -> None:
+        """Parameters moved or replaced by new objects are not what the graphs compute with."""
+        inputs.check_identity(self._watched, self._placement, self._owners, EngineError)
+
+    def _fresh_slot(self, key, slot: Optional[Slot]) -> Optional[Slot]:
+        """``slot`` if the weights are unchanged since it was recorded; otherwise apply ``on_stale``."""
+        if slot is None or slot.state_versions == self._state_versions():
+            return slot
+        changed = [name for (name, t, _), old in zip(self._watched, slot.state_versions)
+                   if (t.data_ptr(), t._version) != old]
+        if self.on_stale == "raise":
+            raise EngineError(f"weights changed since slot {key[1]!r} was recorded ({changed[:3]}...): "
+                              "clear() the engine to record again, or compile with on_stale='rerecord'")
+        log.info("weights changed since recording (%s); dropping every slot and recording again", changed[:3])
+        self.store.clear()
+        self._pending = None
+        return None
+
+    # -- calling ------------------------------------------------------------------------------
+    def _flatten(self, args, kwargs) -> list:
+        return inputs.flatten_inputs(args, kwargs, self._in_spec, self.input_names, self._examples, self._device,
+                                     EngineError)
+
+    def _slot_key(self, flat: list) -> tuple[Hashable, str]:
+        others = [v for i, v in enumerate(flat) if i not in self._spatial_pos]
+        fp = fingerprint(others)
+        return (("named", self._slot_name) if self._slot_name is not None else ("inputs", fp)), fp
+
+    def _input_mask(self, flat: list, slot: Slot, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        res = self.context.input_resolution
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor):
+                raise EngineError(f"mask must be a torch.Tensor of shape {res} and dtype bool, got "
+                                  f"{type(mask).__name__}")
+            if mask.dtype != torch.bool:
+                raise EngineError(f"mask must have dtype torch.bool, got {mask.dtype}; use mask > 0.5 "
+                                  "or mask.bool()")
+            device = flat[self._spatial_pos[0]].device
+            if mask.device != device:
+                raise EngineError(f"mask is on {mask.device} but the inputs are on {device}; "
+                                  f"move it with mask.to({str(device)!r})")
+            batch = self.context.batch
+            if tuple(mask.shape) == (batch, *res) and batch > 1:
+                mask = mask.any(dim=0)  # one mask per sample: their union runs in one batched call
+            if tuple(mask.shape) != tuple(res):
+                raise EngineError(f"mask has shape {tuple(mask.shape)} but the spatial inputs are "
+                                  f"{res[0]}x{res[1]}; pass an H x W boolean mask (or N x H x W, one per sample)")
+            return mask
+        eps = self.context.settings.eps
+        out = None
+        for pos, old in zip(self._spatial_pos, slot.spatial_inputs):
+            # "not <= eps" also flags NaN and Inf differences as edited (NaN > eps is False)
+            diff = ~((flat[pos] - old).abs() <= eps).reshape(-1, *res).all(dim=0)
+            out = diff if out is None else out | diff
+        return out
+
+    def mask_stats(self, input_mask: torch.Tensor, every_node: bool = False) -> dict:
+        """Evaluate the plan's masks for an input mask: pixel masks and active block indices.
+
+        Only the masks the incremental graph reads are evaluated unless ``every_node`` (reports).
+        """
+        exprs = self.signature.mask_exprs()
+        if every_node:
+            exprs += [n.meta[K.MASK] for n in self.graph_module.graph.nodes
+                      if n.meta.get(K.MASK) is not None and n.meta[K.SPATIAL].resolution is not None]
+        masks = M.evaluate_masks(exprs, input_mask)
+        blocks = {key: M.active_blocks(masks[key[0]], key[1]) for key in self.signature.blocks}
+        return {"input_mask": input_mask, "masks": masks, "blocks": blocks}
+
+    def forward(self, *args, mask: Optional[torch.Tensor] = None, **kwargs) -> Any:
+        """Record (first call for a slot) or run incrementally. Calls are serialized per engine."""
+        with self._lock:
+            return self._call(args, kwargs, mask)
+
+    def _call(self, args, kwargs, mask: Optional[torch.Tensor]) -> Any:
+        self._check_identity()
+        flat = self._flatten(args, kwargs)
+        key, fp = self._slot_key(flat)
+        # an offloaded slot comes to the inputs' device for this call and goes back to the host after it
+        device = flat[self._spatial_pos[0]].device if self._spatial_pos else self._device
+        slot = self._fresh_slot(key, self.store.checkout(key, device or "cpu"))
+        try:
+            with torch.no_grad():
+                if slot is None:
+                    if mask is not None:
+                        raise EngineError(f"no recorded run for slot {key[1]!r}: call the engine once without "
+                                          "mask= on the original input to record it, then edit")
+                    return self._record(flat, key, fp)
+                if slot.nonspatial_fingerprint != fp:
+                    raise EngineError(f"slot {key[1]!r} was recorded with different non-spatial inputs "
+                                      "(timestep, embeddings, ...); use another slot name or clear() it")
+                return self._incremental(flat, key, slot, self._input_mask(flat, slot, mask))
+        finally:
+            self.store.checkin(key)
+
+    def _record(self, flat: list, key, fp: str) -> Any:
+        results = list(self.recording(*flat))
+        n_out = self.signature.num_outputs
+        outputs, caches = results[:n_out], [self._store_dtype(i, c) for i, c in enumerate(results[n_out:])]
+        for pos, nhwc in self._working_buffers:
+            caches[pos] = _writable(caches[pos], nhwc)
+        # an output that is also a working buffer would change under later edits
+        buffers = {id(caches[pos]) for pos, _ in self._working_buffers}
+        outputs = [o.clone() if id(o) in buffers else o for o in outputs]
+        spatial = [flat[p].detach().clone() for p in self._spatial_pos]
+        self.store.put(key, Slot(spatial, caches, outputs, fp, self._state_versions()))
+        self._pending = None
+        log.debug("recorded slot %r (%d cached tensors)", key[1], len(caches))
+        return self._unflatten([o.clone() if isinstance(o, torch.Tensor) else o for o in outputs])
+
+    def _incremental(self, flat: list, key, slot: Slot, input_mask: torch.Tensor) -> Any:
+        if not bool(input_mask.any()):
+            self._restore(slot)
+            self.last_stats = {"input_mask": input_mask, "masks": {}, "blocks": {}}
+            self._pending = None
+            return self._unflatten([o.clone() if isinstance(o, torch.Tensor) else o for o in slot.outputs])
+        plan = self._plan = self.plan_for(input_mask, slot)
+        stats = self.mask_stats(input_mask)
+        indices = [stats["blocks"][k] for k in plan.signature.blocks]
+        pixel = [stats["masks"][m][None, None] for m in plan.signature.pixel_masks]
+        # baselines saved before anything is written, so a run that fails part-way is undone too
+        slot.dirty = _rebase_working_buffers(slot, [(pos, indices[b], block, nhwc)
+                                                    for pos, b, block, nhwc in self._inplace[id(plan)]])
+        caches = [slot.caches[i] for i in plan.cache_positions]
+        results = list(plan.incremental(*flat, *caches, *indices, *pixel))
+        n_out = plan.signature.num_outputs
+        # outputs may be working buffers, which the next edit overwrites
+        outputs = [o.clone() if isinstance(o, torch.Tensor) else o for o in results[:n_out]]
+        updated = results[n_out:]
+        self.last_stats = stats
+        self._pending = {"key": key, "plan": self.plans.index(plan), "outputs": outputs, "updated": dict(zip(plan.signature.updated, updated)),
+                         "spatial": [flat[p].detach().clone() for p in self._spatial_pos]}
+        return self._unflatten(list(outputs))
+
+    def commit(self) -> None:
+        """Make the last edited run the new baseline, so the next edit is compared with it."""
+        with self._lock:
+            self._commit()
+
+    def _commit(self) -> None:
+        if self._pending is None:
+            raise EngineError("nothing to commit: commit() follows an incremental call that changed something")
+        p = self._pending
+        slot = self.store.get(p["key"])
+        if slot is None:
+            raise EngineError("the slot of the last edit was evicted; nothing to commit")
+        if slot.state_versions != self._state_versions():
+            self._pending = None
+            raise EngineError("weights changed since the last edit was computed; nothing to commit")
+        caches = list(slot.caches)
+        for i, (name, kind) in enumerate(self.cache_keys):
+            if kind == VALUE and name in p["updated"]:
+                caches[i] = self._store_dtype(i, p["updated"][name])
+        # the in-place caches already hold the edit: committing keeps their blocks (dirty=None).
+        # Caches the committing plan does not maintain now lag behind: plans reading them are out.
+        maintained = self._maintained[p["plan"]]
+        fresh = frozenset(i for i, m in enumerate(self._maintained) if m <= maintained)
+        self.store.put(p["key"], Slot(p["spatial"], caches, list(p["outputs"]), slot.nonspatial_fingerprint,
+                                      slot.state_versions, fresh_plans=fresh))
+        self._pending = None
+
+    @staticmethod
+    def _restore(slot: Slot) -> None:
+        """Put back the blocks an uncommitted edit overwrote in the slot's in-place caches."""
+        for entry in slot.dirty or []:
+            _put_back(slot, entry)
+        slot.dirty = None
+
+    def _store_dtype(self, index: int, value: torch.Tensor) -> torch.Tensor:
+        if self.cache_dtype is None or index not in self._narrowable or not value.is_floating_point():
+            return value
+        return value.to(self.cache_dtype)
+
+    def _unflatten(self, outputs: list) -> Any:
+        return pytree.tree_unflatten(outputs, self._out_spec)
+
+    # -- introspection ------------------------------------------------------------------------
+    def report(self, mask: Optional[torch.Tensor] = None) -> "Report":
+        """Per-node decisions, mask fractions and MACs for ``mask`` (default: the last edit), in
+        the plan an edit of that mask runs (which becomes the engine's current plan)."""
+        from sigec.core.report import build_report
+        if mask is None and self.last_stats is not None:
+            mask = self.last_stats["input_mask"]
+        if mask is not None:
+            self._plan = self.plan_for(mask)
+        stats = self.mask_stats(mask, every_node=True) if mask is not None else None
+        return build_report(self, stats)
