@@ -18,8 +18,8 @@ from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
 from sigec.ir import meta_keys as K
-from sigec.passes.classify_tiling import Role, TileKind
-from sigec.passes.schedule_tiles import TileGrid, TilePlan, bands, layout_of, resolution
+from sigec.passes.tile_geometry import Role, TileKind
+from sigec.passes.tile_plan import TileGrid, TilePlan, bands, layout_of, resolution
 from sigec.ir.plan import NCHW
 
 log = logging.getLogger("sigec.tiling")

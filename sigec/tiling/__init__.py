@@ -9,7 +9,7 @@ Normalization statistics are summed over every tile before they are applied
 ``preview_factor`` (``norm_stats="preview"``: one phase, lower memory, an approximation).
 Attention and other global ops run whole, at their own resolution.
 """
-from sigec.passes.schedule_tiles import TilingError
+from sigec.passes.tile_plan import TilingError
 from sigec.tiling.mode import NORM_STATS, TiledMode, compile_tiled
 from sigec.tiling.module import PreviewStatistics, TiledModule
 from sigec.tiling.report import TileReport, build_tile_report, node_table, parse_tiles, render_plan

@@ -8,7 +8,7 @@ import torch
 from sigec.core.pipeline import Program, compile_in_mode
 from sigec.ir.settings import CompileSettings
 from sigec.passes import TILING_PASSES, run_passes
-from sigec.passes.schedule_tiles import TilingContext, TilingError
+from sigec.passes.tile_plan import TilingContext, TilingError
 from sigec.tiling.module import PreviewStatistics, TiledModule
 
 NORM_STATS = ("exact", "preview")

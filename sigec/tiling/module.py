@@ -9,8 +9,8 @@ from torch.utils import _pytree as pytree
 from sigec.core import inputs
 from sigec.core.pipeline import Program
 from sigec.ir import meta_keys as K
-from sigec.passes.classify_tiling import TileKind
-from sigec.passes.schedule_tiles import TilePlan, TilingContext, TilingError
+from sigec.passes.tile_geometry import TileKind
+from sigec.passes.tile_plan import TilePlan, TilingContext, TilingError
 from sigec.runtime.tiled import NormStatistics, TiledRunner, release_freed_memory
 from sigec.tiling.report import TileReport, build_tile_report
 

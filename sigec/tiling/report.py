@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from sigec.ir import meta_keys as K
 from sigec.ir.plan import SpatialKind
-from sigec.passes.schedule_tiles import TileGrid, TilingError, halos, resolution, untiled_estimate
+from sigec.passes.tile_plan import TileGrid, TilingError, halos, resolution, untiled_estimate
 
 if TYPE_CHECKING:
     from sigec.tiling.module import TiledModule

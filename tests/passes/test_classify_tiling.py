@@ -10,7 +10,8 @@ from sigec.ir import meta_keys as K
 from sigec.core.capture import capture
 from sigec.passes import PassContext, run_passes
 from sigec.passes.classify_spatial import classify_spatial
-from sigec.passes.classify_tiling import TileKind, classify_tiling
+from sigec.passes.classify_tiling import classify_tiling
+from sigec.passes.tile_geometry import TileKind
 from sigec.ir.settings import CompileSettings
 from tests.passes.helpers import node, nodes_by_target
 

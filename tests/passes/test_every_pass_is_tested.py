@@ -4,7 +4,7 @@ from sigec.passes import ANALYSIS_PASSES, INCREMENTAL_PASSES, TEMPORAL_PASSES, T
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 #: modules of passes/ that hold no pass (shared tables and machinery)
-SUPPORT = {"__init__", "op_table", "pass_base", "verifier"}
+SUPPORT = {"__init__", "op_table", "pass_base", "verifier", "tile_geometry", "tile_plan"}
 PIPELINES = {"ANALYSIS_PASSES": ANALYSIS_PASSES, "INCREMENTAL_PASSES": INCREMENTAL_PASSES,
              "TEMPORAL_PASSES": TEMPORAL_PASSES, "TILING_PASSES": TILING_PASSES}
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from sigec.ir import meta_keys as K
 from sigec.core.capture import capture
 from sigec.passes import TILING_PASSES, run_passes
-from sigec.passes.schedule_tiles import TileGrid, TilingContext, TilingError, halos
+from sigec.passes.tile_plan import TileGrid, TilingContext, TilingError, halos
 from sigec.ir.settings import CompileSettings
 from tests.passes.helpers import node
 
