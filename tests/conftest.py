@@ -25,7 +25,7 @@ def _seed_and_threads():
 
 #: Kernel costs proportional to MACs and moved elements, with free calls: the tests' small models
 #: go sparse wherever that saves work, so the sparse paths are exercised at any size, and which
-#: nodes are sparse does not depend on the machine running the tests (tests/test_costs.py
+#: nodes are sparse does not depend on the machine running the tests (tests/ir/test_costs.py
 #: measures, and tests/passes/test_partition.py prices with realistic figures).
 WORK_PROPORTIONAL_COSTS = KernelCosts(dense_mac=1e-12, dense_weight_byte=1e-18, sparse_mac=1e-12,
                                       sparse_weight_byte=1e-18, element=4e-12, call=1e-18,

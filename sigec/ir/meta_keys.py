@@ -25,5 +25,5 @@ ORIGIN = "sigec.origin"
 CUT_ROLE = "sigec.cut_role"
 #: ``TileRule`` of a value under tiled execution (passes/classify_tiling.py). Read by schedule_tiles and runtime/tiled.py.
 TILE = "sigec.tile"
-#: ``TileSchedule`` (whole or tiled, phase, held) of a value (passes/schedule_tiles.py). Read by runtime/tiled.py, sigec/tiling.py.
+#: ``TileSchedule`` (whole or tiled, phase, held) of a value (passes/schedule_tiles.py). Read by runtime/tiled.py, sigec/tiling/.
 SCHEDULE = "sigec.schedule"

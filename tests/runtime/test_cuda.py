@@ -1,4 +1,4 @@
-"""CUDA kernels (csrc/cuda_kernels.cu), their build, and the incremental runners (sigec/cuda_graphs.py).
+"""CUDA kernels (csrc/cuda_kernels.cu), their build, and the incremental runners (sigec/core/cuda_graphs.py).
 
 * Emulation, on every machine with a C++ compiler: the CUDA source compiled by the host compiler
   with -DSIGEC_CUDA_EMULATE runs the kernels' element functions in a host loop. Checked against

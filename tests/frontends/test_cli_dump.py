@@ -18,7 +18,7 @@ from sigec.frontends.edits import ellipse_mask
 from sigec.passes import ANALYSIS_PASSES, INCREMENTAL_PASSES
 from tests import cli_targets
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CHURCH = "tests.cli_targets:church_small"
 TINY = "tests.cli_targets:tiny"
 FORMATS = ("text", "json", "dot", "svg", "html")

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from sigec.frontends import demo
 from sigec.models import WEIGHTS_DIR, WeightsError, available_models, load, read_manifest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 NAME = "digits-ddpm"
 
 

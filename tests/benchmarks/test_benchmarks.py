@@ -16,7 +16,7 @@ def test_quick_mode(module, tmp_path):
     assert 0 < edit["incremental_macs"] < edit["dense_macs"] and edit["active_blocks"] > 0
     assert edit["psnr_db"] > 20 and edit["cache_bytes"] > 0
     # the recorded output: the model's up to float rounding (attention runs as sigec.attention);
-    # that it is returned bit for bit is tested in tests/test_properties.py
+    # that it is returned bit for bit is tested in tests/spatial/test_properties.py
     assert empty["incremental_macs"] == 0 and empty["psnr_db"] > 100
     saved = json.loads(out.read_text())
     assert saved["rows"][0]["dense_macs"] == edit["dense_macs"]

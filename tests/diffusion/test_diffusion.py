@@ -28,7 +28,7 @@ from sigec.frontends.measure import psnr  # noqa: E402
 from sigec.models import sd_unet  # noqa: E402
 from sigec.runtime.cache import CacheBudgetError  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SIZE = 128  # image side: a 16x16 latent through the 8x VAE
 
 
