@@ -16,4 +16,4 @@ def editor_model():
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = LandscapeGenerator(width=16, blocks=1).eval()
-    return EditorModel(model, height=HEIGHT, width=WIDTH, policy="exact", dense_runs=1)
+    return EditorModel(model, height=HEIGHT, width=WIDTH, policy="exact", dense_runs=1, report_macs=True)

@@ -163,17 +163,19 @@ class BodyLimit:
 def create_app(model: Union[torch.nn.Module, Callable[[], torch.nn.Module], EditorModel], *, height: int = 256,
                width: int = 512, policy: str = "exact", max_sessions: int = 8, max_points: int = MAX_POINTS,
                max_body_bytes: int = MAX_BODY_BYTES, max_radius: float = MAX_RADIUS, dense_runs: int = 3,
-               noise_seed: int = 0, title: str = "sigec editor"):
+               noise_seed: int = 0, report_macs: bool = False, title: str = "sigec editor"):
     """The editor's FastAPI app for ``model`` (a label-map generator, a factory of one, or an
     ``EditorModel`` already compiled). The model is compiled here, once; sessions share it
-    through named cache slots (see ``sigec.frontends.editor.session``)."""
+    through named cache slots (see ``sigec.frontends.editor.session``). ``report_macs`` adds each
+    edit's MAC count to its figures (an ``engine.report`` per stroke, tens of milliseconds)."""
     from fastapi import FastAPI, HTTPException, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, JSONResponse, Response
     from fastapi.staticfiles import StaticFiles
 
     editor = model if isinstance(model, EditorModel) else EditorModel(
-        model, height=height, width=width, policy=policy, noise_seed=noise_seed, dense_runs=dense_runs)
+        model, height=height, width=width, policy=policy, noise_seed=noise_seed, dense_runs=dense_runs,
+        report_macs=report_macs)
     sessions = SessionManager(editor, max_sessions=max_sessions)
     classes = editor.classes
     H, W = editor.height, editor.width

@@ -242,6 +242,7 @@ async function show(data) {
     $("stat-recomputed").textContent = fmtPct(s.recomputed_fraction);
     $("stat-macs").textContent = s.incremental_macs != null
       ? `${fmtMacs(s.incremental_macs)} of ${fmtMacs(s.dense_macs)}` : "–";
+    $("stat-macs").parentElement.hidden = s.incremental_macs == null;
     const li = document.createElement("li");
     li.textContent = `${fmtMs(s.engine_ms)} incremental vs ${fmtMs(s.dense_ms)} dense` +
       (s.speedup ? ` (${s.speedup.toFixed(1)}×)` : "") +
