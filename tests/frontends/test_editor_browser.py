@@ -74,7 +74,7 @@ def page(server_url):
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
                                     args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
         try:
-            pg = browser.new_page(viewport={"width": 1180, "height": 820})
+            pg = browser.new_context(viewport={"width": 1180, "height": 820}).new_page()
             messages = []
             pg.on("console", lambda m: messages.append(f"{m.type}: {m.text}"))
             pg.on("pageerror", lambda e: messages.append(f"pageerror: {e}"))
@@ -150,6 +150,16 @@ def test_painting_a_stroke_in_chromium_updates_the_picture_near_it_only(page):
     page.uncheck("#overlay-toggle")
     assert not page.locator("#overlay").is_visible()
     page.check("#overlay-toggle")
+
+    # a second tab gets a session of its own: the scene as it was, not the first tab's picture
+    other = page.context.new_page()
+    try:
+        other.goto(page.url)
+        other.wait_for_selector('body[data-ready="true"]', timeout=120_000)
+        assert np.abs(read_pixels(other)[..., :3] - before[..., :3]).max() <= 1
+    finally:
+        other.close()
+    assert np.array_equal(read_pixels(page), after)
 
     # undo restores the picture from before the stroke
     page.click("#undo")

@@ -176,7 +176,7 @@ function enqueue(task) {
 async function handleError(err) {
   if (err.status === 404) {
     setStatus("session expired on the server; starting a new one", true);
-    await startSession(true);
+    await startSession();
     return;
   }
   setStatus(err.message, true);
@@ -258,22 +258,18 @@ async function show(data) {
   document.body.dataset.strokes = String(data.strokes);
 }
 
-async function startSession(fresh = false) {
-  const saved = fresh ? null : sessionStorage.getItem("sigec-editor-session");
-  if (saved) {
-    try {
-      state.session = saved;
-      await show(await api("GET", `/api/sessions/${saved}`));
-      setStatus("session resumed; paint a stroke");
-      return;
-    } catch (_) { /* gone: make a new one */ }
-  }
+// Every page load gets a session of its own (not kept in sessionStorage: a duplicated tab would
+// copy it and two tabs would paint one picture); leaving the page ends it on the server.
+async function startSession() {
   setStatus("starting a session (recording the scene, measuring the dense latency)…");
   const data = await api("POST", "/api/sessions");
   state.session = data.session;
-  sessionStorage.setItem("sigec-editor-session", data.session);
   await show(data);
 }
+
+window.addEventListener("pagehide", () => {
+  if (state.session) fetch(`/api/sessions/${state.session}`, { method: "DELETE", keepalive: true });
+});
 
 async function main() {
   try {
