@@ -35,7 +35,8 @@ is cut at the border. ``class`` is a class name or its index; ``radius`` lies in
 
 Limits: a body over ``max_body_bytes`` or a stroke of more than ``max_points`` points gets 413;
 an unknown or evicted session gets 404; the server holds at most ``max_sessions`` sessions and
-evicts the least recently used past that.
+evicts the least recently used past that (each holds its own recorded activations: about 630 MB
+for the landscape generator at 256x512, so the default is 4).
 """
 from __future__ import annotations
 
@@ -161,7 +162,7 @@ class BodyLimit:
 # -- the app ------------------------------------------------------------------------------------
 
 def create_app(model: Union[torch.nn.Module, Callable[[], torch.nn.Module], EditorModel], *, height: int = 256,
-               width: int = 512, policy: str = "exact", max_sessions: int = 8, max_points: int = MAX_POINTS,
+               width: int = 512, policy: str = "exact", max_sessions: int = 4, max_points: int = MAX_POINTS,
                max_body_bytes: int = MAX_BODY_BYTES, max_radius: float = MAX_RADIUS, dense_runs: int = 3,
                noise_seed: int = 0, report_macs: bool = False, title: str = "sigec editor"):
     """The editor's FastAPI app for ``model`` (a label-map generator, a factory of one, or an
@@ -338,7 +339,7 @@ def resolve_model(name: str) -> torch.nn.Module:
 
 
 def serve(model: str = "landscape", *, host: str = "127.0.0.1", port: int = 8000, threads: Optional[int] = None,
-          policy: str = "exact", height: int = 256, width: int = 512, max_sessions: int = 8,
+          policy: str = "exact", height: int = 256, width: int = 512, max_sessions: int = 4,
           log_level: str = "warning") -> None:
     """Compile ``model``, then serve the editor on ``http://host:port/`` until interrupted."""
     import uvicorn

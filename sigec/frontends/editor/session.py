@@ -17,7 +17,9 @@ Locking (``EditorModel.lock`` and ``Session.lock``):
   sessions) is never held while waiting for either.
 
 ``SessionManager`` bounds the number of sessions: creating one past ``max_sessions`` evicts the
-least recently used (its slot is dropped; a later request on it gets 404).
+least recently used (its slot is dropped; a later request on it gets 404). A session's slot holds
+the recorded activations of every layer the engine reuses: about 630 MB for the landscape
+generator at 256x512, hence the small default bound.
 """
 from __future__ import annotations
 
@@ -215,7 +217,7 @@ class Session:
 class SessionManager:
     """Sessions by id, least recently used first, at most ``max_sessions`` of them."""
 
-    def __init__(self, editor: EditorModel, max_sessions: int = 8, max_history: int = 64):
+    def __init__(self, editor: EditorModel, max_sessions: int = 4, max_history: int = 64):
         if max_sessions < 1:
             raise ValueError(f"max_sessions must be at least 1, got {max_sessions}")
         self.editor = editor
@@ -232,7 +234,10 @@ class SessionManager:
             return list(self._sessions)
 
     def create(self) -> tuple[Session, EditResult]:
-        """A new session on the initial scene: its slot recorded, its dense latency measured."""
+        """A new session on the initial scene: its slot recorded, its dense latency measured. The
+        least recently used sessions past ``max_sessions`` are evicted first, so the new slot's
+        memory is not added on top of a full table."""
+        self._evict(self.max_sessions - 1)
         session_id = secrets.token_hex(16)
         labels = self.editor.initial_labels()
         result = self.editor.record(session_id, labels)
@@ -240,12 +245,16 @@ class SessionManager:
         session = Session(session_id, labels, result.image, dense_ms)
         with self._lock:
             self._sessions[session_id] = session
+        self._evict(self.max_sessions)      # sessions created meanwhile by other requests
+        return session, result
+
+    def _evict(self, keep: int) -> None:
+        with self._lock:
             victims = []
-            while len(self._sessions) > self.max_sessions:
+            while len(self._sessions) > keep:
                 victims.append(self._sessions.popitem(last=False)[1])
         for victim in victims:
             self._close(victim)
-        return session, result
 
     def get(self, session_id: str) -> Session:
         with self._lock:
