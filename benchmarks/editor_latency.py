@@ -29,7 +29,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from sigec.frontends.editor.server import RANDOM_MODEL, EditorError, create_app, resolve_model  # noqa: E402
 from sigec.frontends.editor.session import rasterize_stroke  # noqa: E402
-from sigec.models.landscape import CLASSES, default_scene  # noqa: E402
+from sigec.models.landscape import CLASSES  # noqa: E402
 
 
 def main() -> None:
@@ -51,7 +51,6 @@ def main() -> None:
     print(f"model {name}, {args.height}x{args.width}, policy {args.policy}, {torch.get_num_threads()} threads; "
           f"compiled in {time.perf_counter() - start:.1f} s")
     H, W = args.height, args.width
-    scene = default_scene(H, W)
     with TestClient(app) as client:
         session = client.post("/api/sessions").json()
         sid = session["session"]
@@ -62,7 +61,8 @@ def main() -> None:
             x0 = (W - 120) * ((i * 0.61) % 1.0) + 10
             points = [[x0 + t, y + 6 * ((t / 25) % 2 - 0.5)] for t in range(0, 101, 5)]
             mask = rasterize_stroke(H, W, points, 11)
-            counts = torch.bincount(scene[mask], minlength=len(CLASSES))
+            current = app.state.sessions.get(sid).labels
+            counts = torch.bincount(current[mask], minlength=len(CLASSES))
             cls = CLASSES[int(counts.argmin())]
             out = client.post(f"/api/sessions/{sid}/strokes", json={"points": points, "radius": 11, "class": cls})
             out.raise_for_status()
