@@ -1,0 +1,1 @@
+"""User-facing front ends of sigec."""
