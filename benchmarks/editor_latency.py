@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from fastapi.testclient import TestClient  # noqa: E402
 
 from sigec.frontends.editor.server import RANDOM_MODEL, EditorError, create_app, resolve_model  # noqa: E402
-from sigec.frontends.editor.session import rasterize_stroke  # noqa: E402
+from sigec.edits import brush_stroke_mask  # noqa: E402
 from sigec.models.landscape import CLASSES  # noqa: E402
 
 
@@ -60,7 +60,7 @@ def main() -> None:
             y = H * (0.15 + 0.7 * ((i * 0.37) % 1.0))
             x0 = (W - 120) * ((i * 0.61) % 1.0) + 10
             points = [[x0 + t, y + 6 * ((t / 25) % 2 - 0.5)] for t in range(0, 101, 5)]
-            mask = rasterize_stroke(H, W, points, 11)
+            mask = brush_stroke_mask(points, 11, H, W)
             current = app.state.sessions.get(sid).labels
             counts = torch.bincount(current[mask], minlength=len(CLASSES))
             cls = CLASSES[int(counts.argmin())]

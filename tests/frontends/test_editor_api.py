@@ -17,7 +17,8 @@ pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from sigec.frontends.editor.server import EditorError, create_app, resolve_model  # noqa: E402
-from sigec.frontends.editor.session import SessionManager, rasterize_stroke  # noqa: E402
+from sigec.edits import brush_stroke_mask  # noqa: E402
+from sigec.frontends.editor.session import SessionManager  # noqa: E402
 from sigec.models.landscape import CLASSES, default_scene, one_hot  # noqa: E402
 from tests.frontends.conftest import HEIGHT, WIDTH  # noqa: E402
 
@@ -92,7 +93,7 @@ def test_stroke_changes_the_picture_near_it_only_and_reports_the_engine_blocks(c
     before = decode(s["image"])
     out = stroke(client, s["session"], LEFT)
     after = decode(out["image"])
-    mask = rasterize_stroke(HEIGHT, WIDTH, LEFT["points"], LEFT["radius"])
+    mask = brush_stroke_mask(LEFT["points"], LEFT["radius"], HEIGHT, WIDTH)
     labels = labels_of(app, s["session"])
     assert (labels[mask] == CLASSES.index("brick")).all()
     assert np.abs(after - dense_pixels(editor_model, labels)).max() <= 1            # exact: equals dense
@@ -161,8 +162,8 @@ def test_two_sessions_interleaving_never_see_each_others_picture(client, app, ed
     ra2 = stroke(client, a, {**LEFT, "points": [[50, 20]], "class": "tree"})
     rb2 = stroke(client, b, {**RIGHT, "points": [[80, 10], [90, 12]], "class": "water"})
     la, lb = labels_of(app, a), labels_of(app, b)
-    left = rasterize_stroke(HEIGHT, WIDTH, LEFT["points"], LEFT["radius"])
-    right = rasterize_stroke(HEIGHT, WIDTH, RIGHT["points"], RIGHT["radius"])
+    left = brush_stroke_mask(LEFT["points"], LEFT["radius"], HEIGHT, WIDTH)
+    right = brush_stroke_mask(RIGHT["points"], RIGHT["radius"], HEIGHT, WIDTH)
     assert torch.equal(la[right], scene[right]) and torch.equal(lb[left], scene[left])
     for out, labels in ((ra2, la), (rb2, lb)):
         assert np.abs(decode(out["image"]) - dense_pixels(editor_model, labels)).max() <= 1
@@ -185,7 +186,7 @@ def test_sessions_are_safe_under_concurrent_threads(editor_model):
     def paint(sid):
         try:
             for points, radius, cls in strokes[sid]:
-                manager.stroke(sid, rasterize_stroke(HEIGHT, WIDTH, points, radius), cls)
+                manager.stroke(sid, brush_stroke_mask(points, radius, HEIGHT, WIDTH), cls)
         except Exception as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
@@ -199,7 +200,7 @@ def test_sessions_are_safe_under_concurrent_threads(editor_model):
         session = manager.get(sid)
         expected = default_scene(HEIGHT, WIDTH)
         for points, radius, cls in strokes[sid]:
-            expected[rasterize_stroke(HEIGHT, WIDTH, points, radius)] = cls
+            expected[brush_stroke_mask(points, radius, HEIGHT, WIDTH)] = cls
         assert torch.equal(session.labels, expected)
         with torch.no_grad():
             dense = editor_model.model(one_hot(expected), editor_model.noise)[0]
@@ -297,16 +298,6 @@ def test_unknown_sessions_get_404(client, method, path):
 
 
 # -- pieces -------------------------------------------------------------------------------------
-
-def test_rasterize_stroke_is_a_round_brush_along_the_path():
-    disc = rasterize_stroke(64, 128, [[40.0, 30.0]], 6.0)
-    assert disc.sum().item() == pytest.approx(np.pi * 36, rel=0.1)
-    assert disc[30, 40] and not disc[30, 47] and not disc[37, 40]
-    line = rasterize_stroke(64, 128, [[10.0, 10.0], [50.0, 10.0]], 2.0)
-    assert line[10, 10:50].all() and not line[13, 30] and line.sum() < 5 * 44
-    edge = rasterize_stroke(64, 128, [[0.0, 0.0]], 5.0)                 # cut at the border
-    assert edge[0, 0] and edge.sum() < np.pi * 25 / 3
-
 
 def test_resolve_model_refuses_what_is_not_a_label_map_generator():
     with pytest.raises(EditorError, match="no-such-model"):

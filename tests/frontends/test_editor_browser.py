@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sigec.frontends.editor.session import rasterize_stroke
+from sigec.edits import brush_stroke_mask
 from sigec.models.landscape import CLASSES, default_scene
 from tests.frontends.conftest import HEIGHT, WIDTH
 
@@ -110,7 +110,7 @@ def test_painting_a_stroke_in_chromium_updates_the_picture_near_it_only(page):
     # a stroke in label-map pixels, of a class found nowhere under it
     points = [(18.0, 40.0), (26.0, 41.0), (34.0, 43.0), (42.0, 44.0)]
     radius = 4
-    mask = rasterize_stroke(HEIGHT, WIDTH, points, radius).numpy()
+    mask = brush_stroke_mask(points, radius, HEIGHT, WIDTH).numpy()
     under = set(default_scene(HEIGHT, WIDTH)[mask].tolist())
     cls = next(name for i, name in enumerate(CLASSES) if i not in under and name != "sky")
     page.click(f'.swatch[data-class="{cls}"]')

@@ -5,9 +5,9 @@ its limits and error statuses); ``serve(name, port=...)`` runs it under uvicorn 
 ``session.py`` holds the per-session state and the locking rules. Needs the ``editor`` extra
 (``pip install sigec[editor]``: fastapi and uvicorn).
 """
-from sigec.frontends.editor.session import EditorModel, SessionManager, rasterize_stroke
+from sigec.frontends.editor.session import EditorModel, SessionManager
 
-__all__ = ["EditorModel", "SessionManager", "create_app", "serve", "rasterize_stroke"]
+__all__ = ["EditorModel", "SessionManager", "create_app", "serve"]
 
 
 def __getattr__(name):   # the server imports fastapi: only when asked for

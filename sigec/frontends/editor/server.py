@@ -52,8 +52,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from sigec.frontends.editor.session import (EditorModel, EditResult, NothingToUndo, Session, SessionManager,
-                                            SessionNotFound, rasterize_stroke)
-from sigec.models.landscape import CLASSES, PALETTE, colorize
+                                            SessionNotFound)
+from sigec.edits import brush_stroke_mask
+from sigec.models.landscape import PALETTE, colorize
 
 STATIC_DIR = Path(__file__).parent / "static"
 
@@ -290,7 +291,7 @@ def create_app(model: Union[torch.nn.Module, Callable[[], torch.nn.Module], Edit
             if not (0 <= x < W and 0 <= y < H):   # also false for NaN
                 raise HTTPException(422, f"point {i} ({x}, {y}) lies outside the {W}x{H} canvas "
                                          f"(0 <= x < {W}, 0 <= y < {H}); coordinates are rejected, not clipped")
-        mask = rasterize_stroke(H, W, body.points, body.radius)
+        mask = brush_stroke_mask(body.points, body.radius, H, W)
         result = sessions.stroke(session_id, mask, cls)
         return payload(sessions.get(session_id), result, start)
 

@@ -46,33 +46,6 @@ class NothingToUndo(RuntimeError):
     """Undo on a session with no stroke left to undo."""
 
 
-def rasterize_stroke(height: int, width: int, points: Sequence[Sequence[float]], radius: float) -> torch.Tensor:
-    """The ``(H, W)`` bool mask of a round brush of ``radius`` pixels dragged through ``points``
-    (``(x, y)`` pixel coordinates; pixel ``(i, j)`` has its centre at ``x = j + 0.5, y = i + 0.5``):
-    a disc at every point and a capsule along every segment between consecutive points. Work is
-    bounded by the stroke's bounding box, not the canvas."""
-    pts = torch.tensor([[float(p[0]), float(p[1])] for p in points], dtype=torch.float64)
-    x0 = max(0, int((pts[:, 0].min() - radius).floor()))
-    x1 = min(width, int((pts[:, 0].max() + radius).ceil()) + 1)
-    y0 = max(0, int((pts[:, 1].min() - radius).floor()))
-    y1 = min(height, int((pts[:, 1].max() + radius).ceil()) + 1)
-    out = torch.zeros(height, width, dtype=torch.bool)
-    if x0 >= x1 or y0 >= y1:
-        return out
-    ys = torch.arange(y0, y1, dtype=torch.float64)[:, None, None] + 0.5
-    xs = torch.arange(x0, x1, dtype=torch.float64)[None, :, None] + 0.5
-    a = pts if len(pts) == 1 else pts[:-1]
-    b = pts if len(pts) == 1 else pts[1:]
-    d = b - a                                                       # (S, 2)
-    length2 = (d * d).sum(dim=1).clamp_min(1e-12)
-    # per pixel and segment: the nearest point of the segment, then the distance to it
-    t = (((xs - a[:, 0]) * d[:, 0] + (ys - a[:, 1]) * d[:, 1]) / length2).clamp(0.0, 1.0)
-    dx = xs - (a[:, 0] + t * d[:, 0])
-    dy = ys - (a[:, 1] + t * d[:, 1])
-    out[y0:y1, x0:x1] = ((dx * dx + dy * dy) <= radius * radius).any(dim=2)
-    return out
-
-
 def output_block_mask(stats: Optional[dict], resolution: tuple[int, int]) -> torch.Tensor:
     """The pixels of the blocks the engine's last call recomputed at ``resolution``: the union of
     the active blocks of every sparse operator whose mask has that resolution, taken from
