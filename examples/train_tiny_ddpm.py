@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
-import math
 import os
 import platform
 import sys
@@ -43,8 +41,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
 from tqdm import tqdm  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # examples/training_common.py
+from training_common import draw_loss_curve, final_loss, learning_rate, save_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 NAME = "digits-ddpm"
@@ -108,14 +108,6 @@ def build_unet(seed: int):
     return UNet2DModel(**UNET_CONFIG)
 
 
-def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
-    """Linear warm-up to ``peak``, then cosine decay to zero."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 @torch.no_grad()
 def evaluation_loss(model, images: torch.Tensor, scheduler, seed: int, count: int = 512) -> float:
     """Noise-prediction MSE on a fixed draw of images, timesteps and noise (lower is better)."""
@@ -168,74 +160,8 @@ def train(args: argparse.Namespace) -> dict:
     return {"ema": ema, "losses": losses, "seconds": seconds, "images": images, "scheduler": scheduler}
 
 
-def final_loss(losses: Sequence[float]) -> float:
-    window = losses[-LOSS_WINDOW:]
-    return sum(window) / len(window)
-
-
-# ---------------------------------------------------------------------------------------------
-# the loss curve, drawn with PIL (no plotting library needed)
-
-def draw_loss_curve(losses: Sequence[float], path: Path, title: str) -> None:
-    """Per-step loss (light) and its running mean over ``LOSS_WINDOW`` steps (dark), log-scale y."""
-    width, height, left, right, top, bottom = 720, 400, 70, 20, 36, 44
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
-    lo = min(losses)
-    hi = max(losses)
-    lo_exp, hi_exp = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
-    plot_w, plot_h = width - left - right, height - top - bottom
-
-    def xy(step: float, value: float) -> tuple[float, float]:
-        x = left + plot_w * step / max(1, len(losses) - 1)
-        y = top + plot_h * (hi_exp - math.log10(value)) / (hi_exp - lo_exp)
-        return x, y
-
-    for exp in range(lo_exp, hi_exp + 1):     # decade grid lines and labels
-        for mult in (1, 2, 5):
-            v = mult * 10.0 ** exp
-            if not 10.0 ** lo_exp <= v <= 10.0 ** hi_exp:
-                continue
-            _, y = xy(0, v)
-            draw.line([(left, y), (width - right, y)], fill=(225, 225, 225) if mult > 1 else (190, 190, 190))
-            if mult in (1, 2, 5):
-                draw.text((6, y - 6), f"{v:g}", fill=(60, 60, 60))
-    for i in range(6):                        # step ticks (steps counted from 1)
-        step = round(i * len(losses) / 5)
-        x, _ = xy(max(0, step - 1), 10.0 ** hi_exp)
-        draw.line([(x, top + plot_h), (x, top + plot_h + 4)], fill=(0, 0, 0))
-        draw.text((x - 12, top + plot_h + 8), str(step), fill=(60, 60, 60))
-    draw.rectangle([left, top, width - right, top + plot_h], outline=(0, 0, 0))
-    draw.line([xy(i, v) for i, v in enumerate(losses)], fill=(170, 200, 235), width=1)
-    running, total = [], 0.0
-    for i, v in enumerate(losses):
-        total += v - (losses[i - LOSS_WINDOW] if i >= LOSS_WINDOW else 0.0)
-        running.append(total / min(i + 1, LOSS_WINDOW))
-    draw.line([xy(i, v) for i, v in enumerate(running)], fill=(20, 60, 160), width=2)
-    draw.text((left, 10), title, fill=(0, 0, 0))
-    draw.text((left + plot_w // 2 - 40, height - 18), "training step", fill=(0, 0, 0))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path, format="PNG")
-
-
 # ---------------------------------------------------------------------------------------------
 # saving and scoring
-
-def save_model(model, out_dir: Path, manifest: dict) -> dict:
-    """Write ``<name>.safetensors`` and ``<name>.json`` (with the weights' size and SHA-256)."""
-    from safetensors.torch import save_file
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    weights = out_dir / f"{NAME}.safetensors"
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(weights), metadata={"format": "pt", "name": NAME})
-    weights.chmod(0o644)   # safetensors writes 0600; package data must be readable by everyone
-    data = weights.read_bytes()
-    manifest = {"format": 1, "name": NAME, "weights": weights.name, "size_bytes": len(data),
-                "sha256": hashlib.sha256(data).hexdigest(), **manifest}
-    (out_dir / f"{NAME}.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    return manifest
-
 
 @torch.no_grad()
 def sample_digits(model, scheduler_config: dict, count: int, steps: int, seed: int) -> torch.Tensor:
@@ -272,11 +198,11 @@ def run(args: argparse.Namespace, out_dir: Path, plot: Optional[Path]) -> dict:
 
     result = train(args)
     losses, ema = result["losses"], result["ema"]
-    loss = final_loss(losses)
+    loss = final_loss(losses, LOSS_WINDOW)
     images, labels = load_digits_images()
     scheduler_config = {k: v for k, v in result["scheduler"].config.items() if not k.startswith("_")}
     manifest = {
-        "unet_class": "UNet2DModel", "unet_config": UNET_CONFIG, "scheduler_config": scheduler_config,
+        "model_class": "UNet2DModel", "model_config": UNET_CONFIG, "scheduler_config": scheduler_config,
         "parameters": sum(p.numel() for p in ema.parameters()),
         "data": {"source": "sklearn.datasets.load_digits", "images": len(images), "resolution": RESOLUTION,
                  "upscale": "nearest", "range": [-1.0, 1.0], "ink": "bright"},
@@ -290,10 +216,10 @@ def run(args: argparse.Namespace, out_dir: Path, plot: Optional[Path]) -> dict:
     }
     if not args.no_score:
         manifest["score"] = score(ema, scheduler_config, args.seed)
-    manifest = save_model(ema, out_dir, manifest)
+    manifest = save_model(ema, out_dir, NAME, manifest)
     if plot is not None:
         draw_loss_curve(losses, plot, f"{NAME}: {args.steps} steps, batch {args.batch_size}, "
-                                      f"final loss {loss:.4f} (mean of last {LOSS_WINDOW})")
+                                      f"final loss {loss:.4f} (mean of last {LOSS_WINDOW})", LOSS_WINDOW)
     print(f"trained {args.steps} steps in {result['seconds'] / 60:.1f} min ({args.threads} threads); "
           f"final loss {loss:.4f}; weights {manifest['size_bytes']:,} bytes -> {out_dir}")
     if "score" in manifest:

@@ -1,2 +1,2 @@
-"""The ways in for people rather than programs: the ``sigec`` CLI, ``sigec dump``, the demo and
-``sigec bench``, with the small helpers they share (edit masks, measurements)."""
+"""The ways in for people rather than programs: the ``sigec`` CLI, ``sigec dump``, the demo,
+``sigec bench`` and the editor, with the small helpers they share (edit masks, measurements)."""

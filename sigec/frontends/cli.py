@@ -1,4 +1,5 @@
-"""The ``sigec`` command line: ``sigec dump``, ``sigec bench``, ``sigec demo`` and ``sigec costs``.
+"""The ``sigec`` command line: ``sigec dump``, ``sigec bench``, ``sigec demo``, ``sigec editor`` and
+``sigec costs``.
 
 Exit status: 0 on success, 1 when a command fails (one ``sigec: error: ...`` line on stderr;
 ``--debug`` adds the traceback), 2 for usage errors, 130 when interrupted.
@@ -142,6 +143,21 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_editor(args: argparse.Namespace) -> int:
+    try:
+        from sigec.frontends.editor.server import EditorError, serve
+    except ImportError as exc:
+        print(f"sigec editor: error: {exc}; install the editor's server with: pip install 'sigec[editor]'",
+              file=sys.stderr)
+        return 1
+    try:
+        serve(args.model, port=args.port, threads=args.threads, policy=args.policy)
+    except EditorError as exc:
+        print(f"sigec editor: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_costs(args: argparse.Namespace) -> int:
     import torch
 
@@ -234,6 +250,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                       help="show the traceback of an error")
     demo.set_defaults(func=_cmd_demo)
+
+    editor = sub.add_parser(
+        "editor", help="paint label maps in the browser and watch them re-render incrementally",
+        description="Start the interactive editor on http://127.0.0.1:PORT/: pick a class, paint on the label "
+                    "map, and the generator re-renders only what each stroke touched. The page shows each "
+                    "stroke's incremental latency against the dense latency, the edit area and the blocks "
+                    "recomputed. Needs the editor extra: pip install 'sigec[editor]'.")
+    editor.add_argument("--model", default="landscape",
+                        help="a shipped label-map generator, or landscape-random (random weights: noise "
+                             "pictures, real timings) (default: %(default)s)")
+    editor.add_argument("--port", type=_non_negative_int, default=8000, help="port on 127.0.0.1 (default: %(default)s)")
+    editor.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
+    editor.add_argument("--policy", choices=("exact", "sige"), default="exact",
+                        help="compile policy (default: %(default)s)")
+    editor.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an error")
+    editor.set_defaults(func=_cmd_editor)
 
     costs = sub.add_parser(
         "costs", help="show (or measure again) the kernel costs the compiler plans with on this machine",

@@ -18,7 +18,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -222,8 +222,23 @@ def instance_edges(labels: torch.Tensor) -> torch.Tensor:
 
 #: where the shipped models live: ``<name>.json`` (the manifest) next to ``<name>.safetensors``
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-MANIFEST_FORMAT = 1
-_LOADABLE_CLASSES = ("UNet2DModel",)   # diffusers classes a manifest may name
+MANIFEST_FORMAT = 2
+
+
+def _model_class(name: str) -> type:
+    """The class a manifest may name: a diffusers UNet, or a network defined in sigec.models."""
+    if name == "UNet2DModel":
+        from diffusers import UNet2DModel
+
+        return UNet2DModel
+    if name == "LandscapeGenerator":
+        from sigec.models.landscape import LandscapeGenerator
+
+        return LandscapeGenerator
+    raise KeyError(name)
+
+
+_LOADABLE_CLASSES = ("UNet2DModel", "LandscapeGenerator")
 
 
 class WeightsError(ValueError):
@@ -231,11 +246,11 @@ class WeightsError(ValueError):
 
 
 class LoadedModel(NamedTuple):
-    """What ``load`` returns: the diffusers model in eval mode, and its training scheduler's
-    configuration (``DDPMScheduler.from_config(...)`` or ``DDIMScheduler.from_config(...)``)."""
+    """What ``load`` returns: the model in eval mode, and for a diffusion model its training
+    scheduler's configuration (``DDIMScheduler.from_config(...)``; ``None`` for a generator)."""
 
     model: nn.Module
-    scheduler_config: dict
+    scheduler_config: Optional[dict]
 
 
 def available_models(directory: "str | Path | None" = None) -> list[str]:
@@ -259,13 +274,13 @@ def read_manifest(name: str = "digits-ddpm", directory: "str | Path | None" = No
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise WeightsError(f"manifest {path} is not valid JSON ({exc}); reinstall sigec or re-create it "
-                           "with examples/train_tiny_ddpm.py") from exc
+                           "with its training script in examples/") from exc
     if not isinstance(manifest, dict):
-        raise WeightsError(f"manifest {path} is not a JSON object; re-create it with examples/train_tiny_ddpm.py")
-    missing = [k for k in ("format", "weights", "sha256", "size_bytes", "unet_class", "unet_config",
-                           "scheduler_config") if k not in manifest]
+        raise WeightsError(f"manifest {path} is not a JSON object; re-create it with its training script in examples/")
+    missing = [k for k in ("format", "weights", "sha256", "size_bytes", "model_class", "model_config")
+               if k not in manifest]
     if missing:
-        raise WeightsError(f"manifest {path} lacks {missing}; re-create it with examples/train_tiny_ddpm.py")
+        raise WeightsError(f"manifest {path} lacks {missing}; re-create it with its training script in examples/")
     if Path(str(manifest["weights"])).name != manifest["weights"]:
         raise WeightsError(f"manifest {path} names weights {manifest['weights']!r}, which is not a plain file "
                            f"name in {folder}")
@@ -296,22 +311,23 @@ def verified_weights(path: Path, sha256: str, size_bytes: int) -> bytes:
 def load(name: str = "digits-ddpm", directory: "str | Path | None" = None) -> LoadedModel:
     """A trained model that ships with sigec, e.g. ``unet, scheduler_config = load("digits-ddpm")``.
 
-    ``digits-ddpm`` is a diffusers ``UNet2DModel`` (DDPM, epsilon prediction, 1x16x16 images in
-    [-1, 1], ink bright) trained on scikit-learn's digits by ``examples/train_tiny_ddpm.py``.
+    * ``landscape`` - a ``LandscapeGenerator`` (label map + noise map -> picture, any size; the
+      demo's and editor's model), trained by ``examples/train_landscape.py``.
+    * ``digits-ddpm`` - a diffusers ``UNet2DModel`` (DDPM, epsilon prediction, 1x16x16 images in
+      [-1, 1], ink bright) trained on scikit-learn's digits by ``examples/train_tiny_ddpm.py``.
 
     ``directory`` reads ``<name>.json`` and its weights from another folder (for example the
     training script's output). Nothing is downloaded and nothing is unpickled: the weights are
     safetensors, parsed only after their size and SHA-256 match the manifest; a modified or
     truncated file raises ``WeightsError``.
     """
-    import diffusers
     from safetensors import SafetensorError
     from safetensors.torch import load as load_safetensors
 
     folder = Path(directory) if directory is not None else WEIGHTS_DIR
     manifest = read_manifest(name, folder)
-    if manifest["unet_class"] not in _LOADABLE_CLASSES:
-        raise WeightsError(f"manifest of {name!r} names model class {manifest['unet_class']!r}; this sigec "
+    if manifest["model_class"] not in _LOADABLE_CLASSES:
+        raise WeightsError(f"manifest of {name!r} names model class {manifest['model_class']!r}; this sigec "
                            f"builds {_LOADABLE_CLASSES}")
     data = verified_weights(folder / manifest["weights"], manifest["sha256"], manifest["size_bytes"])
     try:
@@ -319,11 +335,12 @@ def load(name: str = "digits-ddpm", directory: "str | Path | None" = None) -> Lo
     except (SafetensorError, ValueError, RuntimeError) as exc:  # checksum matched a file that never parsed
         raise WeightsError(f"weights file {folder / manifest['weights']} is not a valid safetensors file "
                            f"({exc})") from exc
-    model_class = getattr(diffusers, manifest["unet_class"])
+    model_class = _model_class(manifest["model_class"])
     try:
         with torch.random.fork_rng(devices=[]):  # building initialises random weights: keep the caller's RNG
-            model = model_class(**manifest["unet_config"])
+            model = model_class(**manifest["model_config"])
         model.load_state_dict(state, strict=True)
     except (TypeError, ValueError, RuntimeError) as exc:
-        raise WeightsError(f"weights of {name!r} do not fit its UNet configuration: {exc}") from exc
-    return LoadedModel(model.eval(), dict(manifest["scheduler_config"]))
+        raise WeightsError(f"weights of {name!r} do not fit its model configuration: {exc}") from exc
+    scheduler_config = manifest.get("scheduler_config")
+    return LoadedModel(model.eval(), dict(scheduler_config) if scheduler_config is not None else None)

@@ -95,3 +95,69 @@ def colorize(labels: torch.Tensor) -> torch.Tensor:
     """``(H, W)`` class indices -> ``(H, W, 3)`` uint8 picture of the label map in ``PALETTE``."""
     lut = torch.tensor([PALETTE[name] for name in CLASSES], dtype=torch.uint8)
     return lut[labels.long()]
+
+
+# ---------------------------------------------------------------------------------------------
+# procedural label maps: the training data's layouts and the demo's and editor's starting scene
+
+def _smooth_noise(shape: tuple[int, ...], cells: int, size: tuple[int, int], g: torch.Generator) -> torch.Tensor:
+    """Values in about [-1, 1] that vary smoothly over ``size``, with ``cells`` features across."""
+    h, w = size
+    coarse = torch.randn(*shape, max(2, round(cells * h / max(h, w))) + 1, max(2, round(cells * w / max(h, w))) + 1,
+                         generator=g)
+    return F.interpolate(coarse, size=size, mode="bicubic", align_corners=True).clamp(-2.5, 2.5) / 2.5
+
+
+def random_scene(height: int = 256, width: int = 512, seed: int = 0) -> torch.Tensor:
+    """A landscape label map ``(H, W)`` of class indices: sky over mountains (rock, snow caps),
+    a lake, ground of grass and sand, trees and a few brick houses. Seeded."""
+    g = torch.Generator().manual_seed(seed)
+
+    def uniform(lo: float, hi: float) -> float:
+        return lo + (hi - lo) * float(torch.rand((), generator=g))
+
+    c = {name: i for i, name in enumerate(CLASSES)}
+    ys = torch.arange(height, dtype=torch.float32)[:, None].expand(height, width)
+    xs = torch.arange(width, dtype=torch.float32)[None, :].expand(height, width)
+    labels = torch.full((height, width), c["sky"], dtype=torch.long)
+    horizon = height * uniform(0.35, 0.6)
+    ridge = _smooth_noise((1, 1), int(uniform(3, 9)), (1, width), g)[0, 0, 0]        # (W,)
+    ridge = (ridge - ridge.min()) / (ridge.max() - ridge.min() + 1e-6)
+    peak = horizon - height * uniform(0.1, 0.35) * ridge
+    mountain = ys >= peak
+    labels[mountain] = c["rock"]
+    snow_line = horizon - height * uniform(0.12, 0.25)
+    labels[mountain & (ys < snow_line) & (ys < peak + height * uniform(0.03, 0.1))] = c["snow"]
+    ground = ys >= horizon
+    patches = _smooth_noise((1, 1), int(uniform(2, 6)), (height, width), g)[0, 0]
+    labels[ground] = c["grass"]
+    labels[ground & (patches > uniform(0.0, 0.5))] = c["sand"]
+    if uniform(0, 1) < 0.7:   # a lake at the foot of the mountains
+        shore = horizon + height * uniform(0.04, 0.25) * (1 + 0.5 * _smooth_noise((1, 1), 4, (1, width), g)[0, 0, 0])
+        labels[ground & (ys < shore) & (patches < uniform(0.2, 0.8))] = c["water"]
+    for _ in range(int(uniform(2, 12))):   # trees: blobs standing on the ground
+        cy, cx = uniform(horizon - height * 0.05, height), uniform(0, width)
+        r = height * uniform(0.02, 0.08)
+        labels[(ys - cy) ** 2 / 1.6 + (xs - cx) ** 2 < r * r] = c["tree"]
+    for _ in range(int(uniform(0, 3))):    # houses: rectangles on the ground
+        top, left = uniform(horizon, height * 0.9), uniform(0, width * 0.9)
+        labels[(ys >= top) & (ys < top + height * uniform(0.05, 0.15))
+               & (xs >= left) & (xs < left + width * uniform(0.03, 0.1))] = c["brick"]
+    return labels
+
+
+def random_blobs(height: int, width: int, seed: int = 0) -> torch.Tensor:
+    """A label map ``(H, W)`` of irregular blobs of every class (arbitrary layouts a user may paint)."""
+    g = torch.Generator().manual_seed(seed)
+    cells = int(torch.randint(2, 10, (), generator=g))
+    fields = _smooth_noise((1, len(CLASSES)), cells, (height, width), g)[0]
+    return fields.argmax(dim=0)
+
+
+def default_scene(height: int = 256, width: int = 512) -> torch.Tensor:
+    """The scene the demo and the editor start from."""
+    return random_scene(height, width, seed=DEFAULT_SCENE_SEED)
+
+
+#: the seed of ``default_scene`` (a lake, mountains with snow, trees)
+DEFAULT_SCENE_SEED = 3

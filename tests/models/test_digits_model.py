@@ -139,7 +139,7 @@ def test_weights_that_do_not_fit_the_config_are_refused(tmp_path):
     data = path.read_bytes()
     manifest.update(size_bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
     (folder / f"{NAME}.json").write_text(json.dumps(manifest))
-    with pytest.raises(WeightsError, match="do not fit its UNet configuration"):
+    with pytest.raises(WeightsError, match="do not fit its model configuration"):
         load(NAME, directory=folder)
 
 
@@ -253,7 +253,7 @@ def test_training_script_is_seeded_and_writes_a_loadable_model(tmp_path):
     weights = [load_file(str(tmp_path / run / f"{NAME}.safetensors")) for run in ("a", "b")]
     for key, value in weights[0].items():
         torch.testing.assert_close(weights[1][key], value, rtol=1e-5, atol=1e-6)
-    assert a["training"]["steps"] == 3 and a["unet_config"] == read_manifest(NAME)["unet_config"]
+    assert a["training"]["steps"] == 3 and a["model_config"] == read_manifest(NAME)["model_config"]
     unet, _ = load(NAME, directory=tmp_path / "a")
     assert not unet.training
     with Image.open(tmp_path / "a" / "loss.png") as img:

@@ -1,0 +1,89 @@
+"""What the training scripts in examples/ share: the learning-rate schedule, the recorded final
+loss, the loss-curve picture (drawn with PIL, no plotting library) and writing a shipped model
+(safetensors weights plus a JSON manifest with their size and SHA-256, read by
+``sigec.models.load``)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from PIL import Image, ImageDraw
+
+#: the manifest format ``sigec.models.read_manifest`` reads
+MANIFEST_FORMAT = 2
+
+
+def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
+    """Linear warm-up to ``peak``, then cosine decay to zero."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def final_loss(losses: Sequence[float], window: int) -> float:
+    """The recorded final loss: the mean training loss of the last ``window`` steps."""
+    tail = losses[-window:]
+    return sum(tail) / len(tail)
+
+
+def save_model(model: torch.nn.Module, out_dir: Path, name: str, manifest: dict) -> dict:
+    """Write ``<name>.safetensors`` and ``<name>.json`` (with the weights' size and SHA-256)."""
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = out_dir / f"{name}.safetensors"
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(weights), metadata={"format": "pt", "name": name})
+    weights.chmod(0o644)   # safetensors writes 0600; package data must be readable by everyone
+    data = weights.read_bytes()
+    manifest = {"format": MANIFEST_FORMAT, "name": name, "weights": weights.name, "size_bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(), **manifest}
+    (out_dir / f"{name}.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return manifest
+
+
+def draw_loss_curve(losses: Sequence[float], path: Path, title: str, window: int) -> None:
+    """Per-step loss (light) and its running mean over ``window`` steps (dark), log-scale y."""
+    width, height, left, right, top, bottom = 720, 400, 70, 20, 36, 44
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    lo = min(losses)
+    hi = max(losses)
+    lo_exp, hi_exp = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
+    plot_w, plot_h = width - left - right, height - top - bottom
+
+    def xy(step: float, value: float) -> tuple[float, float]:
+        x = left + plot_w * step / max(1, len(losses) - 1)
+        y = top + plot_h * (hi_exp - math.log10(value)) / (hi_exp - lo_exp)
+        return x, y
+
+    for exp in range(lo_exp, hi_exp + 1):     # decade grid lines and labels
+        for mult in (1, 2, 5):
+            v = mult * 10.0 ** exp
+            if not 10.0 ** lo_exp <= v <= 10.0 ** hi_exp:
+                continue
+            _, y = xy(0, v)
+            draw.line([(left, y), (width - right, y)], fill=(225, 225, 225) if mult > 1 else (190, 190, 190))
+            if mult in (1, 2, 5):
+                draw.text((6, y - 6), f"{v:g}", fill=(60, 60, 60))
+    for i in range(6):                        # step ticks (steps counted from 1)
+        step = round(i * len(losses) / 5)
+        x, _ = xy(max(0, step - 1), 10.0 ** hi_exp)
+        draw.line([(x, top + plot_h), (x, top + plot_h + 4)], fill=(0, 0, 0))
+        draw.text((x - 12, top + plot_h + 8), str(step), fill=(60, 60, 60))
+    draw.rectangle([left, top, width - right, top + plot_h], outline=(0, 0, 0))
+    draw.line([xy(i, v) for i, v in enumerate(losses)], fill=(170, 200, 235), width=1)
+    running, total = [], 0.0
+    for i, v in enumerate(losses):
+        total += v - (losses[i - window] if i >= window else 0.0)
+        running.append(total / min(i + 1, window))
+    draw.line([xy(i, v) for i, v in enumerate(running)], fill=(20, 60, 160), width=2)
+    draw.text((left, 10), title, fill=(0, 0, 0))
+    draw.text((left + plot_w // 2 - 40, height - 18), "training step", fill=(0, 0, 0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, format="PNG")
