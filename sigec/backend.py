@@ -22,12 +22,12 @@ import torch
 import torch.fx.traceback as fx_traceback
 from torch.fx import GraphModule
 
+from sigec.api import compile as sigec_compile
+
 log = logging.getLogger("sigec.backend")
 
 
 def _compile_options() -> tuple[str, ...]:
-    from sigec.api import compile as sigec_compile
-
     params = inspect.signature(sigec_compile).parameters.values()
     return tuple(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
 
@@ -84,8 +84,6 @@ class _BoundGraph(torch.nn.Module):
 
 def sigec_backend(gm: GraphModule, example_inputs: Sequence[Any], options: Optional[dict] = None) -> Callable:
     """Dynamo backend entry point (registered as ``"sigec"`` through ``torch_dynamo_backends``)."""
-    from sigec.api import compile as sigec_compile
-
     kwargs = validate_options(options)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     try:

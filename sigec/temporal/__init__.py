@@ -38,7 +38,7 @@ engine's ``cache_budget_bytes`` / ``on_cache_full``, stored in ``cache_dtype``. 
 whose slot was evicted, or whose weights changed since it was recorded (``on_stale="rerecord"``),
 runs as a key step instead; ``on_stale="raise"`` raises.
 
-**Composition.** ``edits=True`` runs every step through a spatial engine (``sigec.compile``'s
+**Composition.** ``edits=True`` runs every step through a spatial engine (``sigec.spatial``'s
 pipeline on the full and on the partial graph): a recorded trajectory followed by an edited one
 (SDEdit) recomputes only the edited region, on key and partial steps alike. That needs the
 partial graph's image inputs (latent and cut values) at one resolution; other cuts raise

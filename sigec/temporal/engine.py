@@ -141,7 +141,7 @@ class TemporalEngine(torch.nn.Module):
             raise TemporalCompositionError("batch_partial_steps needs scheduler= (the timesteps of the steps ahead) "
                                            "and a model input that is the timestep")
 
-    def _compile_spatial(self, settings: CompileSettings, engine_options: dict) -> None:
+    def build_spatial_engines(self, settings: CompileSettings, engine_options: dict) -> None:
         """The spatial engines of ``edits=True``, built from the full and the partial graph (both derived
         from the captured program, so nothing is captured again)."""
         cut_vals = [n.meta["val"] for n in self.partial.graph.nodes if n.op == "placeholder"][len(self._examples):]

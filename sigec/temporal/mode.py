@@ -59,7 +59,7 @@ class TemporalMode:
                                 on_stale=options["on_stale"], cache_dtype=options["cache_dtype"],
                                 source=program.source)
         if self.temporal.edits:
-            engine._compile_spatial(self.settings, options)
+            engine.build_spatial_engines(self.settings, options)
         return engine
 
 
