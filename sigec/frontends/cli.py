@@ -43,6 +43,12 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _landscape_classes() -> tuple[str, ...]:
+    from sigec.models.landscape import CLASSES
+
+    return CLASSES
+
+
 def _write_output(text: str, out: Optional[str]) -> None:
     """Write ``text`` to ``out`` (creating its folder) or to stdout."""
     if out is None or out == "-":
@@ -139,7 +145,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from sigec.frontends.demo import run_demo
 
     run_demo(args.out, model=args.model, policy=args.policy, edit_fraction=args.edit_fraction,
-             threads=args.threads, repeats=args.repeats, seed=args.seed)
+             threads=args.threads, repeats=args.repeats, seed=args.seed, brush_class=args.brush_class)
     return 0
 
 
@@ -225,28 +231,33 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=_cmd_bench)
 
     demo = sub.add_parser(
-        "demo", help="SDEdit a digit with the shipped diffusion model, densely and incrementally",
-        description="Sample a digit with the trained digits DDPM that ships with sigec, paint a bar across its "
-                    "top (a 1 becomes a 7), and run SDEdit on it densely and through the incremental engine "
-                    "(one cache slot per denoising step). Prints latency, MACs and PSNR and writes a "
-                    "five-panel PNG: original, edit, dense result, incremental result, difference. "
-                    "--model random-unet runs the earlier one-step demo on a seeded random 64x64 UNet.")
+        "demo", help="paint a brush stroke on a landscape and render it densely and incrementally",
+        description="Paint a brush stroke of a class (2 percent of the pixels by default) onto a 256x512 label map and "
+                    "render it with the trained landscape generator that ships with sigec, densely and through "
+                    "the incremental engine. Prints latency, MACs and PSNR and writes a six-panel PNG: label "
+                    "map, stroke, recomputed blocks, dense result, incremental result, difference. "
+                    "--model digits-ddpm SDEdits a digit with the shipped digits DDPM (one cache slot per "
+                    "denoising step); --model random-unet runs one step of a seeded random 64x64 UNet.")
     demo.add_argument("--out", default="sigec-demo.png", help="PNG to write (default: %(default)s)")
-    demo.add_argument("--model", choices=("digits-ddpm", "random-unet"), default="digits-ddpm",
-                      help="digits-ddpm: the shipped trained model; random-unet: one step of a seeded random "
-                           "UNet on a synthetic picture (default: %(default)s)")
-    demo.add_argument("--policy", choices=("sige", "exact"), default="sige",
-                      help="compile policy (default: %(default)s)")
+    demo.add_argument("--model", choices=("landscape", "digits-ddpm", "random-unet"), default="landscape",
+                      help="landscape and digits-ddpm: the shipped trained models; random-unet: one step of a "
+                           "seeded random UNet on a synthetic picture (default: %(default)s)")
+    demo.add_argument("--policy", choices=("sige", "exact"), default=None,
+                      help="compile policy (default: exact for landscape, sige for the UNets)")
     demo.add_argument("--edit-fraction", type=_fraction, default=None, metavar="F",
-                      help="an elliptical edit covering this fraction of the image instead of the default edit "
-                           "(digits: the bar across the top; random-unet: a 5%% ellipse)")
+                      help="landscape: the brush stroke's share of the pixels (default 0.02); digits-ddpm and "
+                           "random-unet: an elliptical edit of this size instead of the bar across the top (a "
+                           "5%% ellipse)")
+    demo.add_argument("--brush-class", choices=_landscape_classes(), default="water",
+                      help="landscape: the class the stroke paints (default: %(default)s)")
     demo.add_argument("--threads", type=_positive_int, default=2,
                       help="torch CPU threads for the timings (default: %(default)s)")
     demo.add_argument("--repeats", type=_positive_int, default=5,
                       help="timed runs per variant, after one warm-up (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0,
-                      help="seed of the sampled digit and the SDEdit noise (random-unet: of the weights and "
-                           "picture) (default: %(default)s)")
+                      help="landscape: of the noise map (the picture's style); digits-ddpm: of the sampled "
+                           "digit and the SDEdit noise; random-unet: of the weights and picture "
+                           "(default: %(default)s)")
     demo.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                       help="show the traceback of an error")
     demo.set_defaults(func=_cmd_demo)

@@ -1,7 +1,8 @@
-"""``sigec demo``: SDEdit a generated digit densely and through the incremental engine.
+"""``sigec demo``: run an edit densely and through the incremental engine, and show both.
 
-The default model is the small DDPM that ships with sigec (``sigec.models.load("digits-ddpm")``,
-16x16 digits). The demo
+The default model is the trained landscape generator (``sigec.frontends.landscape_demo``: a brush
+stroke on a 256x512 label map). ``model="digits-ddpm"`` SDEdits a digit with the small DDPM that
+ships with sigec (``sigec.models.load("digits-ddpm")``, 16x16 digits). That demo
 
 1. samples 64 digits (DDIM, one batch) and picks the most 1-like with a nearest-mean labeller (the
    class means ship in the model's manifest, so no scikit-learn is needed);
@@ -39,7 +40,7 @@ from sigec.frontends.measure import psnr, time_ms
 
 log = logging.getLogger("sigec.frontends.demo")
 
-MODELS = ("digits-ddpm", "random-unet")
+MODELS = ("landscape", "digits-ddpm", "random-unet")
 POLICIES = ("sige", "exact")
 PANEL = 256            # every panel is upscaled (nearest) to this many pixels
 LABEL_HEIGHT = 18
@@ -434,20 +435,29 @@ def run_random_unet_demo(out_path: Union[str, Path], policy: str = "sige", edit_
     return results
 
 
-def run_demo(out_path: Union[str, Path], model: str = "digits-ddpm", policy: str = "sige",
-             edit_fraction: Optional[float] = None, threads: int = 2, repeats: int = 5, seed: int = 0) -> dict:
+def run_demo(out_path: Union[str, Path], model: str = "landscape", policy: Optional[str] = None,
+             edit_fraction: Optional[float] = None, threads: int = 2, repeats: int = 5, seed: int = 0,
+             brush_class: str = "water") -> dict:
     """Run the demo for ``model``, write the PNG to ``out_path``, print a table, return the figures.
 
-    Latencies are medians (with min and max) over ``repeats`` runs after one warm-up; the
-    incremental runs each edit the recorded original, so repeating them is valid.
+    ``policy`` defaults to ``exact`` for the landscape generator (a local network: the result
+    equals dense) and ``sige`` for the diffusion UNets (whose group norms are global). Latencies
+    are medians (with min and max) over ``repeats`` runs after one warm-up; the incremental runs
+    each edit the recorded original, so repeating them is valid.
     """
     if model not in MODELS:
         raise ValueError(f"model must be one of {MODELS}, got {model!r}")
+    policy = policy or ("exact" if model == "landscape" else "sige")
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
     if threads < 1 or repeats < 1:
         raise ValueError(f"threads and repeats must be at least 1, got {threads} and {repeats}")
     if edit_fraction is not None and not 0.0 < edit_fraction <= 1.0:
         raise ValueError(f"edit fraction must be in (0, 1], got {edit_fraction}")
+    if model == "landscape":
+        from sigec.frontends.landscape_demo import run_landscape_demo
+
+        return run_landscape_demo(out_path, policy=policy, edit_fraction=edit_fraction or 0.02,
+                                  brush_class=brush_class, threads=threads, repeats=repeats, seed=seed)
     run = run_digits_demo if model == "digits-ddpm" else run_random_unet_demo
     return run(out_path, policy=policy, edit_fraction=edit_fraction, threads=threads, repeats=repeats, seed=seed)

@@ -9,6 +9,7 @@ from PIL import Image
 import sigec
 from sigec.frontends import demo
 from sigec.frontends.cli import main
+from sigec.models import available_models
 
 
 def test_version_flag(capsys):
@@ -64,10 +65,10 @@ def test_ellipse_mask_covers_requested_fraction(fraction):
     assert abs(float(mask.float().mean()) - fraction) < 0.01
 
 
-def test_demo_end_to_end(tmp_path, capsys):
-    """The default demo: SDEdit of a sampled "1" with the shipped digits model."""
+def test_digits_demo_end_to_end(tmp_path, capsys):
+    """The digits demo: SDEdit of a sampled "1" with the shipped digits model."""
     out = tmp_path / "demo.png"
-    results = demo.run_demo(out, repeats=1, threads=1)
+    results = demo.run_demo(out, model="digits-ddpm", repeats=1, threads=1)
     assert out.is_file()
     with Image.open(out) as img:
         assert img.format == "PNG"
@@ -94,7 +95,8 @@ def test_demo_end_to_end(tmp_path, capsys):
 
 def test_cli_demo_writes_png(tmp_path, capsys):
     out = tmp_path / "sub" / "cli.png"
-    assert main(["demo", "--out", str(out), "--repeats", "1", "--threads", "1", "--edit-fraction", "0.1"]) == 0
+    assert main(["demo", "--model", "digits-ddpm", "--out", str(out), "--repeats", "1", "--threads", "1",
+                 "--edit-fraction", "0.1"]) == 0
     assert out.is_file()
     printed = capsys.readouterr().out
     assert "MAC reduction" in printed and "elliptical stroke" in printed
@@ -110,6 +112,20 @@ def test_cli_random_unet_demo(tmp_path, capsys):
         assert 5 * 256 <= img.width < 5 * 256 + 100
     printed = capsys.readouterr().out
     assert "random-unet" in printed and "edited area" in printed
+
+
+@pytest.mark.skipif("landscape" not in available_models(), reason="no shipped landscape weights")
+def test_landscape_demo_is_the_default_and_equals_dense(tmp_path, capsys):
+    """The default demo: a 2% water stroke on the landscape, exact, which equals the dense render."""
+    out = tmp_path / "landscape.png"
+    assert main(["demo", "--out", str(out), "--repeats", "1", "--threads", "2"]) == 0
+    with Image.open(out) as img:            # six 256x512 panels, three by two
+        assert 3 * 512 <= img.width < 3 * 512 + 60 and 2 * 256 <= img.height < 2 * 256 + 80
+    printed = capsys.readouterr().out
+    assert "landscape (256x512), policy exact" in printed and "water brush stroke over 2.0%" in printed
+    db = re.search(r"PSNR \(incr\. vs dense\)\s+(\S+) dB", printed).group(1)
+    assert db == "inf" or float(db) >= 60
+    assert re.search(r"GMACs\s+dense 2\d\.\d+, incremental \d\.\d+", printed)
 
 
 def test_demo_rejects_unknown_model():
