@@ -8,7 +8,7 @@ seeded: the initialisation, the label maps, the crops and the noise, so a run wi
 and thread count repeats.
 
     pip install scikit-image scikit-learn           # the photos (the "test" extra has both)
-    python examples/train_landscape.py              # ~60 min on 2 idle CPU threads; writes
+    python examples/train_landscape.py              # ~48 min on 2 CPU threads; writes
                                                     # sigec/models/weights/landscape.{safetensors,json}
     python examples/train_landscape.py --check      # train again into a temporary folder and compare
                                                     # the final loss with the shipped model's (within 10%)
@@ -190,7 +190,7 @@ def run(args: argparse.Namespace, out_dir: Path, plot: Optional[Path], grid: Opt
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=5000, help="optimizer steps (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=4000, help="optimizer steps (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=8, help="(default: %(default)s)")
     p.add_argument("--crop", type=int, default=64, help="side of the training crops (default: %(default)s)")
     p.add_argument("--pool", type=int, default=256, help="training label maps (default: %(default)s)")
