@@ -30,7 +30,6 @@ import math
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -44,7 +43,8 @@ from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # examples/training_common.py
-from training_common import draw_loss_curve, final_loss, learning_rate, save_model  # noqa: E402
+from training_common import (OPTIMIZER_SETTINGS, add_mode_options, check_reproduction,  # noqa: E402
+                             draw_loss_curve, final_loss, learning_rate, save_model, training_parser)
 
 from sigec.models.landscape import (CLASSES, LandscapeGenerator, colorize, noise_map, one_hot,  # noqa: E402
                                     random_blobs, random_scene)
@@ -189,27 +189,14 @@ def run(args: argparse.Namespace, out_dir: Path, plot: Optional[Path], grid: Opt
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=4000, help="optimizer steps (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=8, help="(default: %(default)s)")
+    p = training_parser(__doc__.splitlines()[0], steps=4000, batch_size=8, warmup=200,
+                        plot=REPO / "docs" / "landscape-loss.png")
     p.add_argument("--crop", type=int, default=64, help="side of the training crops (default: %(default)s)")
     p.add_argument("--pool", type=int, default=256, help="training label maps (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=200, help="warm-up steps (default: %(default)s)")
-    p.add_argument("--ema-decay", type=float, default=0.999, help="(default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
-    p.add_argument("--out-dir", type=Path, default=REPO / "sigec" / "models" / "weights",
-                   help="where the weights and manifest go (default: the package's sigec/models/weights)")
-    p.add_argument("--plot", type=Path, default=REPO / "docs" / "landscape-loss.png",
-                   help="loss curve PNG (default: docs/landscape-loss.png)")
     p.add_argument("--grid", type=Path, default=REPO / "docs" / "landscape-heldout.png",
-                   help="held-out picture grid PNG (default: docs/landscape-heldout.png)")
+                   help="held-out picture grid PNG (default: %(default)s)")
     p.add_argument("--no-score", action="store_true", help="skip the held-out score")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--check", action="store_true",
-                      help="train into a temporary folder and compare the final loss with the shipped model's")
-    mode.add_argument("--score-only", action="store_true", help="score the shipped weights; no training")
+    add_mode_options(p)
     args = p.parse_args(argv)
     if min(args.steps, args.batch_size, args.threads, args.pool) < 1 or not 16 <= args.crop <= min(MAP_SIZE):
         p.error(f"--steps, --batch-size, --threads and --pool must be at least 1, --crop in [16, {min(MAP_SIZE)}]")
@@ -218,27 +205,16 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    from sigec.models import load, read_manifest
+    from sigec.models import load
 
     if args.score_only:
         torch.set_num_threads(args.threads)
         print(score(load(NAME).model))
         return 0
     if args.check:
-        shipped = read_manifest(NAME)
-        keys = ("seed", "steps", "batch_size", "crop", "pool", "lr", "warmup", "ema_decay")
-        differing = {k: (shipped["training"][k], getattr(args, k)) for k in keys
-                     if getattr(args, k) != shipped["training"][k]}
-        if differing:
-            print(f"note: settings differ from the shipped model's (shipped, now): {differing}")
-        with tempfile.TemporaryDirectory() as tmp:
-            args.no_score = True
-            manifest = run(args, Path(tmp), None, None)
-        rel = abs(manifest["final_loss"] - shipped["final_loss"]) / shipped["final_loss"]
-        ok = rel <= 0.10
-        print(f"check: final loss {manifest['final_loss']:.5f} vs shipped {shipped['final_loss']:.5f} "
-              f"({rel:.2%} apart; bar 10%): {'OK' if ok else 'FAILED'}")
-        return 0 if ok else 1
+        args.no_score = True
+        return check_reproduction(args, NAME, lambda folder: run(args, folder, None, None),
+                                  OPTIMIZER_SETTINGS + ("crop", "pool"))
     run(args, args.out_dir, args.plot, args.grid)
     return 0
 

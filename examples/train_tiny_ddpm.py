@@ -30,7 +30,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -44,7 +43,8 @@ import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # examples/training_common.py
-from training_common import draw_loss_curve, final_loss, learning_rate, save_model  # noqa: E402
+from training_common import (add_mode_options, check_reproduction, draw_loss_curve, final_loss,  # noqa: E402
+                             learning_rate, save_model, training_parser)
 
 REPO = Path(__file__).resolve().parent.parent
 NAME = "digits-ddpm"
@@ -230,23 +230,10 @@ def run(args: argparse.Namespace, out_dir: Path, plot: Optional[Path]) -> dict:
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=2000, help="optimizer steps (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=64, help="(default: %(default)s)")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=100, help="warm-up steps (default: %(default)s)")
-    p.add_argument("--ema-decay", type=float, default=0.999, help="(default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
-    p.add_argument("--out-dir", type=Path, default=REPO / "sigec" / "models" / "weights",
-                   help="where the weights and manifest go (default: the package's sigec/models/weights)")
-    p.add_argument("--plot", type=Path, default=REPO / "docs" / "digits-ddpm-loss.png",
-                   help="loss curve PNG (default: docs/digits-ddpm-loss.png)")
+    p = training_parser(__doc__.splitlines()[0], steps=2000, batch_size=64, warmup=100,
+                        plot=REPO / "docs" / "digits-ddpm-loss.png")
     p.add_argument("--no-score", action="store_true", help="skip the recognisability score (200 samples)")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--check", action="store_true",
-                      help="train into a temporary folder and compare the final loss with the shipped model's")
-    mode.add_argument("--score-only", action="store_true", help="score the shipped weights; no training")
+    add_mode_options(p)
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch_size < 1 or args.threads < 1:
         p.error("--steps, --batch-size and --threads must be at least 1")
@@ -264,19 +251,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(json.dumps(s, indent=2))
         return 0
     if args.check:
-        shipped = read_manifest(NAME)
-        differing = {k: (v, getattr(args, k)) for k, v in shipped["training"].items()
-                     if k in ("seed", "steps", "batch_size", "lr", "warmup", "ema_decay") and getattr(args, k) != v}
-        if differing:
-            print(f"note: settings differ from the shipped model's (shipped, now): {differing}")
-        with tempfile.TemporaryDirectory() as tmp:
-            args.no_score = True
-            manifest = run(args, Path(tmp), None)
-        rel = abs(manifest["final_loss"] - shipped["final_loss"]) / shipped["final_loss"]
-        ok = rel <= 0.10
-        print(f"check: final loss {manifest['final_loss']:.5f} vs shipped {shipped['final_loss']:.5f} "
-              f"({rel:.2%} apart; bar 10%): {'OK' if ok else 'FAILED'}")
-        return 0 if ok else 1
+        args.no_score = True
+        return check_reproduction(args, NAME, lambda folder: run(args, folder, None))
     run(args, args.out_dir, args.plot)
     return 0
 

@@ -4,17 +4,67 @@ loss, the loss-curve picture (drawn with PIL, no plotting library) and writing a
 ``sigec.models.load``)."""
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
+import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from PIL import Image, ImageDraw
 
 #: the manifest format ``sigec.models.read_manifest`` reads
 MANIFEST_FORMAT = 2
+#: where trained models ship
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "sigec" / "models" / "weights"
+#: the settings a reproduction check compares with the shipped model's
+OPTIMIZER_SETTINGS = ("seed", "steps", "batch_size", "lr", "warmup", "ema_decay")
+
+
+def training_parser(description: str, *, steps: int, batch_size: int, warmup: int, plot: Path) -> argparse.ArgumentParser:
+    """The options every training script has; add the script's own, then ``add_mode_options``."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--steps", type=int, default=steps, help="optimizer steps (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=batch_size, help="(default: %(default)s)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=warmup, help="warm-up steps (default: %(default)s)")
+    p.add_argument("--ema-decay", type=float, default=0.999, help="(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+    p.add_argument("--out-dir", type=Path, default=WEIGHTS_DIR,
+                   help="where the weights and manifest go (default: the package's sigec/models/weights)")
+    p.add_argument("--plot", type=Path, default=plot, help="loss curve PNG (default: %(default)s)")
+    return p
+
+
+def add_mode_options(p: argparse.ArgumentParser) -> None:
+    """``--check`` (train again and compare with the shipped loss) and ``--score-only``."""
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true",
+                      help="train into a temporary folder and compare the final loss with the shipped model's")
+    mode.add_argument("--score-only", action="store_true", help="score the shipped weights; no training")
+
+
+def check_reproduction(args: argparse.Namespace, name: str, train_into: Callable[[Path], dict],
+                       settings: Sequence[str] = OPTIMIZER_SETTINGS) -> int:
+    """Train again into a temporary folder (``train_into(folder) -> manifest``) and compare the
+    final loss with the shipped model's: exit status 0 within 10%, else 1."""
+    from sigec.models import read_manifest
+
+    shipped = read_manifest(name)
+    differing = {k: (shipped["training"][k], getattr(args, k)) for k in settings
+                 if getattr(args, k) != shipped["training"].get(k)}
+    if differing:
+        print(f"note: settings differ from the shipped model's (shipped, now): {differing}")
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = train_into(Path(tmp))
+    rel = abs(manifest["final_loss"] - shipped["final_loss"]) / shipped["final_loss"]
+    ok = rel <= 0.10
+    print(f"check: final loss {manifest['final_loss']:.5f} vs shipped {shipped['final_loss']:.5f} "
+          f"({rel:.2%} apart; bar 10%): {'OK' if ok else 'FAILED'}")
+    return 0 if ok else 1
 
 
 def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
