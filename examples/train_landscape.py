@@ -44,7 +44,7 @@ from tqdm import tqdm  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # examples/training_common.py
 from training_common import (OPTIMIZER_SETTINGS, add_mode_options, check_reproduction,  # noqa: E402
-                             draw_loss_curve, final_loss, learning_rate, save_model, training_parser)
+                             draw_loss_curve, final_loss, optimizer_step, save_model, training_parser)
 
 from sigec.models.landscape import (CLASSES, LandscapeGenerator, colorize, noise_map, one_hot,  # noqa: E402
                                     random_blobs, random_scene)
@@ -137,16 +137,7 @@ def train(args: argparse.Namespace) -> dict:
         noise = torch.randn(args.batch_size, 1, args.crop, args.crop, generator=g)
         target = render_target(x, noise, bank)
         loss = F.l1_loss(model(x, noise), target)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        decay = min(args.ema_decay, (1 + step) / (10 + step))   # short memory early on
-        with torch.no_grad():
-            for e, p in zip(ema.parameters(), model.parameters()):
-                e.lerp_(p, 1.0 - decay)
+        optimizer_step(model, ema, optimizer, loss, step, args)
         losses.append(float(loss.detach()))
         if step % 20 == 0 or step == args.steps - 1:
             bar.set_postfix(loss=f"{sum(losses[-LOSS_WINDOW:]) / len(losses[-LOSS_WINDOW:]):.4f}")

@@ -44,7 +44,7 @@ from tqdm import tqdm  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # examples/training_common.py
 from training_common import (add_mode_options, check_reproduction, draw_loss_curve, final_loss,  # noqa: E402
-                             learning_rate, save_model, training_parser)
+                             optimizer_step, save_model, training_parser)
 
 REPO = Path(__file__).resolve().parent.parent
 NAME = "digits-ddpm"
@@ -143,16 +143,7 @@ def train(args: argparse.Namespace) -> dict:
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=g)
         noise = torch.randn(x0.shape, generator=g)
         loss = F.mse_loss(model(scheduler.add_noise(x0, noise, t), t).sample, noise)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        decay = min(args.ema_decay, (1 + step) / (10 + step))   # short memory early on
-        with torch.no_grad():
-            for e, p in zip(ema.parameters(), model.parameters()):
-                e.lerp_(p, 1.0 - decay)
+        optimizer_step(model, ema, optimizer, loss, step, args)
         losses.append(float(loss.detach()))
         if step % 20 == 0 or step == args.steps - 1:
             bar.set_postfix(loss=f"{sum(losses[-LOSS_WINDOW:]) / len(losses[-LOSS_WINDOW:]):.4f}")

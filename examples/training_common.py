@@ -75,6 +75,22 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def optimizer_step(model: torch.nn.Module, ema: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   loss: torch.Tensor, step: int, args: argparse.Namespace) -> None:
+    """One step: the scheduled learning rate, gradients clipped to norm 1, then the weights'
+    exponential moving average (``args.ema_decay``, with a short memory early on)."""
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    decay = min(args.ema_decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.lerp_(p, 1.0 - decay)
+
+
 def final_loss(losses: Sequence[float], window: int) -> float:
     """The recorded final loss: the mean training loss of the last ``window`` steps."""
     tail = losses[-window:]
