@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw
 
 import sigec
 from sigec.frontends.edits import brush_stroke_mask, wavy_stroke
-from sigec.frontends.measure import psnr, time_ms
+from sigec.frontends.measure import output_block_mask, psnr, time_ms
 
 log = logging.getLogger("sigec.frontends.demo")
 
@@ -125,7 +125,7 @@ def run_landscape_demo(out_path: Union[str, Path], policy: str = "exact", edit_f
             first_ms = (time.perf_counter() - start) * 1e3
             out = {}
             incr_times = time_ms(lambda: out.__setitem__("incr", engine(x_edit, noise)), repeats, 1, "incremental")
-            recomputed = _recomputed_region(engine)
+            recomputed = output_block_mask(engine.last_stats, (HEIGHT, WIDTH))
             report = engine.report()
             dense_times = time_ms(lambda: out.__setitem__("dense", model(x_edit, noise)), repeats, 1, "dense")
             model_cl = model.to(memory_format=torch.channels_last)
@@ -168,18 +168,6 @@ def run_landscape_demo(out_path: Union[str, Path], policy: str = "exact", edit_f
     }
     print(format_landscape_table(results, dense_times, dense_cl_times, incr_times))
     return results
-
-
-def _recomputed_region(engine: "sigec.Engine") -> torch.Tensor:
-    """The output-resolution pixels the last incremental call recomputed (union of its masks at
-    the largest resolution)."""
-    masks = [m for m in engine.last_stats["masks"].values() if m.dim() == 2]
-    top = max(m.shape for m in masks)
-    region = torch.zeros(top, dtype=torch.bool)
-    for m in masks:
-        if m.shape == top:
-            region |= m
-    return region
 
 
 def format_landscape_table(r: dict, dense_times: list, dense_cl_times: list, incr_times: list) -> str:
