@@ -1,16 +1,19 @@
-"""Built-in models: seeded, randomly initialised, built from configurations (no downloads).
+"""Built-in models: trained ones that ship with sigec, and seeded random ones built from
+configurations (no downloads).
 
 * ``ddpm_unet(name)`` - diffusers ``UNet2DModel``: ``"church256"`` is the DDPM LSUN-church-256
   configuration; ``"church-small"`` has its block structure with fewer channels; ``"demo"`` is
-  the small DDPM-style UNet ``sigec demo`` uses.
+  the small DDPM-style UNet of ``sigec demo --model random-unet``.
 * ``sd_unet(name)`` - diffusers ``UNet2DConditionModel``: ``"sd1"`` is the Stable Diffusion 1.x
   configuration (64x64 latent, cross-attention dim 768); ``"sd-tiny"`` has its block structure
   with few channels, for tests.
 * ``SpadeGenerator`` - a GauGAN-style generator (SPADE residual blocks, nearest up-sampling),
   written from the paper's description; ``spade_generator()`` is a small one and
   ``gaugan_cityscapes()`` the paper's Cityscapes configuration (256x512, about 281 GMACs).
-* ``load(name)`` - a *trained* model that ships with sigec (``sigec/models/weights/``): ``"digits-ddpm"``
-  is a small DDPM UNet trained on scikit-learn's digits (``examples/train_tiny_ddpm.py``).
+* ``load(name)`` - a *trained* model that ships with sigec (``sigec/models/weights/``):
+  ``"landscape"`` is the label-map generator of ``sigec demo`` and ``sigec editor``
+  (``sigec.models.landscape``, ``examples/train_landscape.py``); ``"digits-ddpm"`` is a small DDPM
+  UNet trained on scikit-learn's digits (``examples/train_tiny_ddpm.py``).
 """
 from __future__ import annotations
 
