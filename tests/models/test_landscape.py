@@ -182,8 +182,13 @@ def test_training_script_is_seeded_and_writes_a_loadable_model(tmp_path):
                         "--plot", str(tmp_path / f"{name}.png"), "--grid", str(tmp_path / f"{name}-grid.png")],
                        check=True, capture_output=True, timeout=600)
         manifests.append(read_manifest("landscape", tmp_path / name))
-    assert manifests[0]["sha256"] == manifests[1]["sha256"]       # same seed, same weights
-    assert manifests[0]["final_loss"] == manifests[1]["final_loss"]
+    # same seed, same training: to float noise, since oneDNN may sum in another order under load
+    assert manifests[0]["final_loss"] == pytest.approx(manifests[1]["final_loss"], rel=1e-4)
+    from safetensors.torch import load_file
+    a, b = (load_file(str(tmp_path / name / "landscape.safetensors")) for name in ("a", "b"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)   # seeds apart differ by ~0.1
     model = load("landscape", directory=tmp_path / "a").model
     assert isinstance(model, LandscapeGenerator)
     assert (tmp_path / "a.png").stat().st_size > 1000 and (tmp_path / "a-grid.png").stat().st_size > 1000
