@@ -47,7 +47,7 @@ from training_common import (OPTIMIZER_SETTINGS, add_mode_options, check_reprodu
                              draw_loss_curve, final_loss, optimizer_step, save_model, training_parser)
 
 from sigec.models.landscape import (CLASSES, LandscapeGenerator, colorize, noise_map, one_hot,  # noqa: E402
-                                    random_blobs, random_scene)
+                                    picture_pixels, random_blobs, random_scene)
 from sigec.models.landscape_data import render_target, textures  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -93,11 +93,6 @@ def score(model: torch.nn.Module) -> dict:
             "psnr_db": round(float(np.mean(ps)), 2), "flat_colour_psnr_db": round(float(np.mean(flat)), 2)}
 
 
-def to_rgb(picture: torch.Tensor) -> np.ndarray:
-    """``(1, 3, H, W)`` in [-1, 1] -> ``(H, W, 3)`` uint8."""
-    return ((picture[0].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
-
-
 @torch.no_grad()
 def draw_grid(model: torch.nn.Module, path: Path, rows: int = 4) -> None:
     """Held-out label maps (left), the model's renderings (middle) and the targets (right)."""
@@ -107,8 +102,8 @@ def draw_grid(model: torch.nn.Module, path: Path, rows: int = 4) -> None:
     lines = []
     for labels, noise in picks:
         x = one_hot(labels)
-        lines.append(np.concatenate([colorize(labels).numpy(), to_rgb(model(x, noise)),
-                                     to_rgb(render_target(x, noise, bank))], axis=1))
+        lines.append(np.concatenate([colorize(labels).numpy(), picture_pixels(model(x, noise)).numpy(),
+                                     picture_pixels(render_target(x, noise, bank)).numpy()], axis=1))
     grid = np.concatenate(lines, axis=0)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid).resize((grid.shape[1] // 2, grid.shape[0] // 2), Image.LANCZOS).save(path)

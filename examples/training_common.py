@@ -23,7 +23,8 @@ WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "sigec" / "models" / "wei
 OPTIMIZER_SETTINGS = ("seed", "steps", "batch_size", "lr", "warmup", "ema_decay")
 
 
-def training_parser(description: str, *, steps: int, batch_size: int, warmup: int, plot: Path) -> argparse.ArgumentParser:
+def training_parser(description: str, *, steps: int, batch_size: int, warmup: int,
+                    plot: Path) -> argparse.ArgumentParser:
     """The options every training script has; add the script's own, then ``add_mode_options``."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--steps", type=int, default=steps, help="optimizer steps (default: %(default)s)")

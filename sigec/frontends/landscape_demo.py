@@ -37,11 +37,6 @@ HEIGHT, WIDTH = 256, 512
 NOISE_SEED = 0
 
 
-def _rgb(picture: torch.Tensor) -> np.ndarray:
-    """``(1, 3, H, W)`` in [-1, 1] -> ``(H, W, 3)`` uint8."""
-    return ((picture[0].clamp(-1, 1).permute(1, 2, 0) + 1) * 127.5).round().to(torch.uint8).numpy()
-
-
 def _outlined(rgb: np.ndarray, mask: torch.Tensor, colour=(230, 40, 40)) -> np.ndarray:
     """``rgb`` with the boundary pixels of ``mask`` painted in ``colour``."""
     m = mask.numpy()
@@ -64,7 +59,8 @@ def _difference(a: torch.Tensor, b: torch.Tensor) -> tuple[str, np.ndarray]:
     diff = (a - b).abs().amax(dim=1)[0]
     top = float(diff.max())
     grey = (diff / top * 255).round().to(torch.uint8).numpy() if top > 0 else np.zeros(diff.shape, np.uint8)
-    label = f"|incremental - dense|: 0..{top:.2g} -> black..white" if top > 0 else "|incremental - dense| = 0 everywhere"
+    label = (f"|incremental - dense|: 0..{top:.2g} -> black..white" if top > 0
+             else "|incremental - dense| = 0 everywhere")
     return label, np.repeat(grey[..., None], 3, axis=2)
 
 
@@ -92,7 +88,7 @@ def run_landscape_demo(out_path: Union[str, Path], policy: str = "exact", edit_f
                        brush_class: str = "water", threads: int = 2, repeats: int = 5, seed: int = NOISE_SEED) -> dict:
     """Paint a stroke onto the default landscape; see the module docstring."""
     from sigec.models import load
-    from sigec.models.landscape import CLASSES, colorize, default_scene, noise_map, one_hot
+    from sigec.models.landscape import CLASSES, colorize, default_scene, noise_map, one_hot, picture_pixels
 
     if brush_class not in CLASSES:
         raise ValueError(f"unknown class {brush_class!r}; choose from {CLASSES}")
@@ -147,9 +143,10 @@ def run_landscape_demo(out_path: Union[str, Path], policy: str = "exact", edit_f
     size = save_panels(out_path, [
         ("label map", colorize(labels).numpy()),
         (f"+ {brush_class} stroke ({float(stroke.float().mean()):.1%} of pixels)", stroke_rgb),
-        (f"recomputed ({float(recomputed.float().mean()):.1%}), over the original", _tinted(_rgb(original), recomputed)),
-        (f"dense ({best_dense:.0f} ms)", _rgb(y_dense)),
-        (f"incremental, {policy} ({incr_ms:.0f} ms, {best_dense / incr_ms:.1f}x)", _rgb(y_incr)),
+        (f"recomputed ({float(recomputed.float().mean()):.1%}), over the original",
+         _tinted(picture_pixels(original).numpy(), recomputed)),
+        (f"dense ({best_dense:.0f} ms)", picture_pixels(y_dense).numpy()),
+        (f"incremental, {policy} ({incr_ms:.0f} ms, {best_dense / incr_ms:.1f}x)", picture_pixels(y_incr).numpy()),
         (diff_label, diff_panel),
     ])
     results = {
@@ -176,7 +173,8 @@ def format_landscape_table(r: dict, dense_times: list, dense_cl_times: list, inc
                   f"{r['repeats']} repeats"),
         ("edit", f"a {r['brush_class']} brush stroke over {r['stroke_fraction']:.1%} of the pixels "
                  f"({r['edited_fraction']:.1%} changed class)"),
-        ("dense latency", f"{_median_range(dense_times)} (contiguous), {_median_range(dense_cl_times)} (channels-last)"),
+        ("dense latency", f"{_median_range(dense_times)} (contiguous), "
+                          f"{_median_range(dense_cl_times)} (channels-last)"),
         ("incr. latency", f"{_median_range(incr_times)} (repeated), {r['first_call_ms']:.1f} ms (first call of "
                           "the stroke)"),
         ("speedup", f"{r['speedup']:.2f}x (first call {r['first_call_speedup']:.2f}x) over the faster dense "

@@ -91,6 +91,13 @@ def noise_map(height: int, width: int, seed: int = 0, batch: int = 1) -> torch.T
     return torch.randn(batch, 1, height, width, generator=g)
 
 
+def picture_pixels(picture: torch.Tensor) -> torch.Tensor:
+    """The generator's ``(3, H, W)`` or ``(1, 3, H, W)`` output in [-1, 1] -> ``(H, W, 3)`` uint8."""
+    if picture.dim() == 4:
+        picture = picture[0]
+    return ((picture.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).contiguous()
+
+
 def colorize(labels: torch.Tensor) -> torch.Tensor:
     """``(H, W)`` class indices -> ``(H, W, 3)`` uint8 picture of the label map in ``PALETTE``."""
     lut = torch.tensor([PALETTE[name] for name in CLASSES], dtype=torch.uint8)

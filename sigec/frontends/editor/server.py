@@ -54,7 +54,7 @@ from PIL import Image
 from sigec.frontends.editor.session import (EditorModel, EditResult, NothingToUndo, Session, SessionManager,
                                             SessionNotFound)
 from sigec.frontends.edits import brush_stroke_mask
-from sigec.models.landscape import PALETTE, colorize
+from sigec.models.landscape import PALETTE, colorize, picture_pixels
 
 STATIC_DIR = Path(__file__).parent / "static"
 
@@ -80,11 +80,6 @@ def png_bytes(pixels: torch.Tensor) -> bytes:
 
 def data_url(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-
-
-def image_pixels(image: torch.Tensor) -> torch.Tensor:
-    """``(3, H, W)`` in [-1, 1] -> ``(H, W, 3)`` uint8."""
-    return ((image.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0)
 
 
 def overlay_pixels(mask: torch.Tensor) -> torch.Tensor:
@@ -209,7 +204,7 @@ def create_app(model: Union[torch.nn.Module, Callable[[], torch.nn.Module], Edit
     def payload(session: Session, result: Optional[EditResult], server_start: Optional[float] = None) -> dict:
         out: dict[str, Any] = {
             "session": session.id,
-            "image": data_url(png_bytes(image_pixels(session.image))),
+            "image": data_url(png_bytes(picture_pixels(session.image))),
             "labels": data_url(png_bytes(colorize(session.labels))),
             "dense_ms": round(session.dense_ms, 2),
             "strokes": session.strokes,
@@ -261,7 +256,7 @@ def create_app(model: Union[torch.nn.Module, Callable[[], torch.nn.Module], Edit
 
     @app.get("/api/sessions/{session_id}/image.png")
     def get_image(session_id: str):
-        return Response(png_bytes(image_pixels(sessions.get(session_id).image)), media_type="image/png")
+        return Response(png_bytes(picture_pixels(sessions.get(session_id).image)), media_type="image/png")
 
     @app.delete("/api/sessions/{session_id}", status_code=204)
     def delete_session(session_id: str):
