@@ -2,7 +2,10 @@
 
 Writes ``SPATIAL`` (every node) and ``RULE`` (call_function nodes that depend on a spatial input).
 Spatial inputs are ``ctx.settings.spatial_inputs`` or, by default, every 4-D floating placeholder
-with height and width above 1; they must share one resolution. A value depends on a spatial
+with height and width above 1. They may come at several resolutions when each divides the largest
+by one integer factor (a ControlNet's latent and control image, a UNet's latent and the residuals
+added into its skips): the input mask is given at the largest, and each smaller input's mask is
+that mask reduced to its resolution (``propagate_masks``). A value depends on a spatial
 input when any of its inputs does; it is IMAGE when it is a 4-D tensor with more than one pixel,
 otherwise DERIVED. Nodes whose op has no rule, or whose rule declines, are recorded in
 ``ctx.fallbacks`` with the reason.
@@ -82,18 +85,29 @@ def _spatial_placeholders(gm: GraphModule, ctx: PassContext) -> list[Node]:
     if not chosen:
         raise SpatialInputError("the model has no image input (a 4-D floating tensor with H and W > 1); "
                                 "name the image inputs with spatial_inputs=(...)")
-    resolutions = {tuple(_tensor_val(n).shape[-2:]) for n in chosen}
-    if len(resolutions) != 1:
-        raise SpatialInputError(f"spatial inputs {[n.name for n in chosen]} have different resolutions "
-                                f"{sorted(resolutions)}; pass spatial_inputs=(...) naming those of one resolution")
+    resolutions = [tuple(int(d) for d in _tensor_val(n).shape[-2:]) for n in chosen]
+    top = max(resolutions, key=lambda r: r[0] * r[1])
+    for node, res in zip(chosen, resolutions):
+        if not _divides(res, top):
+            raise SpatialInputError(
+                f"spatial input {node.name!r} is {res[0]}x{res[1]}, which is not {top[0]}x{top[1]} (the largest "
+                "spatial input) divided by one integer factor; pass spatial_inputs=(...) naming the image inputs "
+                "whose resolutions divide the largest")
     return chosen
+
+
+def _divides(res: tuple[int, int], top: tuple[int, int]) -> bool:
+    """``res`` is ``top`` divided by one integer factor in both dimensions."""
+    factor = top[0] // res[0] if res[0] else 0
+    return factor >= 1 and res[0] * factor == top[0] and res[1] * factor == top[1]
 
 
 @sigec_pass(provides=(K.SPATIAL, K.RULE))
 def classify_spatial(gm: GraphModule, ctx: PassContext) -> GraphModule:
     spatial = _spatial_placeholders(gm, ctx)
     ctx.spatial_inputs = tuple(n.name for n in spatial)
-    first = _tensor_val(spatial[0])
+    # the largest input sets the resolution of the input mask (the others divide it)
+    first = max((_tensor_val(n) for n in spatial), key=lambda v: int(v.shape[-2]) * int(v.shape[-1]))
     ctx.input_resolution = (int(first.shape[-2]), int(first.shape[-1]))
     ctx.batch = int(first.shape[0])
     spatial_set = set(spatial)

@@ -32,7 +32,7 @@ from torch.fx import GraphModule, Node
 from sigec.ir import meta_keys as K
 from sigec.ir.plan import NCHW, SpatialKind
 from sigec.passes.op_table import OpKind, arg, lookup
-from sigec.passes.pass_base import PassContext, sigec_pass
+from sigec.passes.pass_base import PassContext, UserInputError, sigec_pass
 from sigec.passes.tile_geometry import (BilinearGeometry, ConvGeometry, ConvTransposeGeometry, GatherGeometry,
                                         NormGeometry, Role, TileKind, TileRule, int_pair, repeat_factor,
                                         tensor_value)
@@ -317,6 +317,12 @@ def _broadcasts(operand: Node, out_info) -> bool:
 
 @sigec_pass(requires=(K.SPATIAL,), provides=(K.TILE,))
 def classify_tiling(gm: GraphModule, ctx: PassContext) -> GraphModule:
+    # one tile grid covers the image: spatial inputs at several resolutions would need one per size
+    smaller = [n.name for n in gm.graph.nodes if n.op == "placeholder" and n.meta[K.SPATIAL].kind is SpatialKind.IMAGE
+               and n.meta[K.SPATIAL].resolution != tuple(ctx.input_resolution)]
+    if smaller:
+        raise UserInputError(f"tiling needs every spatial input at one resolution, but {smaller} are smaller than "
+                             f"{tuple(ctx.input_resolution)}; pass spatial_inputs=(...) naming those of one resolution")
     for node in gm.graph.nodes:
         if node.op == "output":
             continue

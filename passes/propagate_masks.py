@@ -41,7 +41,15 @@ def propagate_masks(gm: GraphModule, ctx: PassContext) -> GraphModule:
         if not info.tainted or node.op == "output":
             continue
         if node.op == "placeholder":
-            node.meta[K.MASK] = base
+            # a spatial input smaller than the largest sees the input mask reduced to its size
+            # (any covered pixel counts under ``exact``; ``sige`` resamples as at every resolution)
+            res = info.resolution
+            if res == base.res:
+                node.meta[K.MASK] = base
+            elif settings.policy == "sige":
+                node.meta[K.MASK] = M.Resampled(base, res, settings.threshold, settings.dilation)
+            else:
+                node.meta[K.MASK] = M.resize(base, res)
             continue
         rule = node.meta.get(K.RULE)
         if info.kind is SpatialKind.DERIVED:

@@ -310,7 +310,10 @@ class Engine(torch.nn.Module):
         out = None
         for pos, old in zip(self._spatial_pos, slot.spatial_inputs):
             # "not <= eps" also flags NaN and Inf differences as edited (NaN > eps is False)
-            diff = ~((flat[pos] - old).abs() <= eps).reshape(-1, *res).all(dim=0)
+            hw = tuple(old.shape[-2:])
+            diff = ~((flat[pos] - old).abs() <= eps).reshape(-1, *hw).all(dim=0)
+            if hw != tuple(res):  # a smaller spatial input: each of its pixels covers a block of the mask
+                diff = diff.repeat_interleave(res[0] // hw[0], 0).repeat_interleave(res[1] // hw[1], 1)
             out = diff if out is None else out | diff
         return out
 

@@ -64,8 +64,16 @@ def test_explicit_spatial_inputs_and_errors():
         def forward(self, a, b):
             return a + nn.functional.interpolate(b, scale_factor=2.0)
 
-    with pytest.raises(SpatialInputError, match="different resolutions"):
-        analyse(TwoRes(), (torch.randn(1, 2, 8, 8), torch.randn(1, 2, 4, 4)), until="classify_spatial")
+    class Pair(nn.Module):
+        def forward(self, a, b):
+            return a * 2, b * 2
+
+    # a smaller input whose size divides the largest is spatial, with its own resolution
+    gm, ctx = analyse(TwoRes(), (torch.randn(1, 2, 8, 8), torch.randn(1, 2, 4, 4)), until="classify_spatial")
+    assert ctx.spatial_inputs == ("a", "b") and ctx.input_resolution == (8, 8)
+    assert node(gm, "b").meta[K.SPATIAL].resolution == (4, 4)
+    with pytest.raises(SpatialInputError, match="divided by one integer factor"):
+        analyse(Pair(), (torch.randn(1, 2, 9, 9), torch.randn(1, 2, 4, 4)), until="classify_spatial")
     with pytest.raises(SpatialInputError, match="no image input"):
         analyse(nn.Linear(3, 3), (torch.randn(2, 3),), until="classify_spatial")
 
