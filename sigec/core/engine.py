@@ -16,6 +16,8 @@ from torch.utils import _pytree as pytree
 from sigec.core import inputs
 from sigec.ir import meta_keys as K
 from sigec.core.codegen.incremental import VALUE, IncrementalSignature
+from sigec.ir.plan import DecisionKind
+from sigec.passes.partition import estimated_seconds
 from sigec.passes.pass_base import PassContext
 from sigec.runtime import masks as M
 from sigec.runtime.cache import Slot, SlotStore, fingerprint
@@ -116,6 +118,24 @@ def _rebase_blocks(base: torch.Tensor, old_indices: torch.Tensor, old_saved: tor
     return saved
 
 
+def _priced_ops(plan: "Plan") -> list:
+    """``(node, block-index position, grid cells)`` of each sparse op the partition priced."""
+    positions = {key: i for i, key in enumerate(plan.signature.blocks)}
+    priced = []
+    if plan.context.kernel_costs is None:
+        return priced
+    for node in plan.graph_module.graph.nodes:
+        decision, window = node.meta.get(K.DECISION), node.meta.get(K.WINDOW)
+        if decision is None or decision.kind is not DecisionKind.SPARSE or decision.estimate is None or window is None:
+            continue
+        key = (node.meta[K.MASK], window.block)
+        if key in positions:
+            res = node.meta[K.SPATIAL].resolution
+            cells = math.ceil(res[0] / window.block[0]) * math.ceil(res[1] / window.block[1])
+            priced.append((node, positions[key], cells))
+    return priced
+
+
 @dataclasses.dataclass
 class Plan:
     """One compiled plan: the graph analysed for one planned edit area, and its incremental graph.
@@ -195,6 +215,9 @@ class Engine(torch.nn.Module):
         self._maintained = [frozenset([pos for pos, _, _, _ in self._inplace[id(plan)]]
                                       + [cache_keys.index((name, VALUE)) for name in plan.signature.updated])
                             for plan in plans]
+        # per plan, the sparse ops the cost model priced, by block-index input: an edit whose
+        # blocks make them dearer than dense runs dense (``_cheaper_dense``)
+        self._priced = {id(plan): _priced_ops(plan) for plan in plans}
         self._working_buffers = sorted({(pos, nhwc) for entries in self._inplace.values() for pos, _, _, nhwc in entries})
         # (name, tensor, identity) of every parameter and buffer the graphs read; the model's own
         # objects, so in-place updates show up in their version counters.
@@ -357,7 +380,12 @@ class Engine(torch.nn.Module):
             self.store.checkin(key)
 
     def _record(self, flat: list, key, fp: str) -> Any:
-        results = list(self.recording(*flat))
+        outputs = self._store_recording(flat, key, fp, list(self.recording(*flat)))
+        log.debug("recorded slot %r", key[1])
+        return self._unflatten([o.clone() if isinstance(o, torch.Tensor) else o for o in outputs])
+
+    def _store_recording(self, flat: list, key, fp: str, results: list) -> list:
+        """Keep a run of the recording graph as slot ``key``; returns its outputs."""
         n_out = self.signature.num_outputs
         outputs, caches = results[:n_out], [self._store_dtype(i, c) for i, c in enumerate(results[n_out:])]
         for pos, nhwc in self._working_buffers:
@@ -368,8 +396,7 @@ class Engine(torch.nn.Module):
         spatial = [flat[p].detach().clone() for p in self._spatial_pos]
         self.store.put(key, Slot(spatial, caches, outputs, fp, self._state_versions()))
         self._pending = None
-        log.debug("recorded slot %r (%d cached tensors)", key[1], len(caches))
-        return self._unflatten([o.clone() if isinstance(o, torch.Tensor) else o for o in outputs])
+        return outputs
 
     def _incremental(self, flat: list, key, slot: Slot, input_mask: torch.Tensor) -> Any:
         if not bool(input_mask.any()):
@@ -377,9 +404,13 @@ class Engine(torch.nn.Module):
             self.last_stats = {"input_mask": input_mask, "masks": {}, "blocks": {}}
             self._pending = None
             return self._unflatten([o.clone() if isinstance(o, torch.Tensor) else o for o in slot.outputs])
+        if bool(input_mask.all()):
+            return self._dense_edit(flat, key, slot, input_mask)
         plan = self._plan = self.plan_for(input_mask, slot)
         stats = self.mask_stats(input_mask)
         indices = [stats["blocks"][k] for k in plan.signature.blocks]
+        if self._cheaper_dense(plan, indices):
+            return self._dense_edit(flat, key, slot, input_mask)
         pixel = [stats["masks"][m][None, None] for m in plan.signature.pixel_masks]
         # baselines saved before anything is written, so a run that fails part-way is undone too
         slot.dirty = _rebase_working_buffers(slot, [(pos, indices[b], block, nhwc)
@@ -395,6 +426,31 @@ class Engine(torch.nn.Module):
                          "spatial": [flat[p].detach().clone() for p in self._spatial_pos]}
         return self._unflatten(list(outputs))
 
+    def _cheaper_dense(self, plan: Plan, indices: list) -> bool:
+        """Whether the cost model prices this edit's sparse ops above running them dense."""
+        priced = self._priced[id(plan)]
+        if not priced:
+            return False
+        sparse = dense = 0.0
+        for node, position, cells in priced:
+            s, d = estimated_seconds(node, len(indices[position]) / cells, plan.context.kernel_costs)
+            sparse, dense = sparse + s, dense + d
+        return sparse > dense
+
+    def _dense_edit(self, flat: list, key, slot: Slot, input_mask: torch.Tensor) -> Any:
+        """An edit that covers the whole input is a dense run: the recording graph on the edited
+        inputs. (An incremental run would keep the recorded normalization statistics, which an
+        edit of everything changes, and differ from dense.) The slot is untouched; ``commit()``
+        makes the run its new baseline."""
+        self._restore(slot)
+        results = list(self.recording(*flat))
+        flat = [v.detach().clone() if i in self._spatial_pos else v for i, v in enumerate(flat)]
+        n_out = self.signature.num_outputs
+        outputs = [o.clone() if isinstance(o, torch.Tensor) else o for o in results[:n_out]]
+        self.last_stats = {"input_mask": input_mask, "masks": {}, "blocks": {}, "dense": True}
+        self._pending = {"key": key, "slot": (flat, results)}
+        return self._unflatten(outputs)
+
     def commit(self) -> None:
         """Make the last edited run the new baseline, so the next edit is compared with it."""
         with self._lock:
@@ -407,6 +463,11 @@ class Engine(torch.nn.Module):
         slot = self.store.get(p["key"])
         if slot is None:
             raise EngineError("the slot of the last edit was evicted; nothing to commit")
+        if "slot" in p:  # a dense edit: its run is recorded as the slot
+            flat, results = p["slot"]
+            self._pending = None
+            self._store_recording(flat, p["key"], slot.nonspatial_fingerprint, results)
+            return
         if slot.state_versions != self._state_versions():
             self._pending = None
             raise EngineError("weights changed since the last edit was computed; nothing to commit")

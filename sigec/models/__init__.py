@@ -64,7 +64,27 @@ SD_UNET_CONFIGS = {
     "sd-tiny": dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
                     block_out_channels=(32, 64, 64, 64), norm_num_groups=8, cross_attention_dim=32,
                     attention_head_dim=8),
+    # Stable Diffusion XL base: three levels, 1/2/10 transformer layers, text-and-time added conditioning
+    # (a 1280-wide pooled text embedding and six 256-wide time ids: 2816 inputs), 128x128 latent
+    "sdxl": dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10),
+                 attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
+                 addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816),
+    # its structure with few channels and 1/2/3 transformer layers (pooled text 32 wide, time ids 8 wide)
+    "sdxl-tiny": dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+                      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                      up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                      block_out_channels=(32, 64, 64), transformer_layers_per_block=(1, 2, 3),
+                      attention_head_dim=(2, 4, 4), norm_num_groups=8, cross_attention_dim=64,
+                      use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+                      projection_class_embeddings_input_dim=32 + 6 * 8),
 }
+
+#: width of the pooled text embedding an SDXL configuration's added conditioning expects
+SDXL_POOLED_DIM = {"sdxl": 1280, "sdxl-tiny": 32}
 
 
 def sd_unet(name: str = "sd-tiny", seed: int = 0) -> nn.Module:
