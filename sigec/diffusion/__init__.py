@@ -1,5 +1,12 @@
 """Editing with latent diffusion (Stable Diffusion): SDEdit and inpainting, run incrementally.
 
+Two front doors:
+
+* ``incremental(pipe)`` (``sigec.diffusion.pipelines``) makes a diffusers pipeline incremental:
+  img2img, inpainting, ControlNet and SDXL, called exactly as the pipeline, with its own scheduler
+  and callbacks. The rules are in that module's docstring.
+* ``DiffusionEditor`` (below) runs its own SDEdit or inpainting loop over a bare UNet and VAE.
+
 A ``DiffusionEditor`` holds a ``UNet2DConditionModel``, optionally an ``AutoencoderKL`` and text
 embeddings given as tensors (no tokenizer or text encoder is needed), and three engines compiled
 with ``sigec.compile``: the UNet, the VAE encoder and the VAE decoder.
@@ -46,8 +53,9 @@ first) combined with ``guidance_scale``.
 """
 from sigec.diffusion.editor import MISSING_SLOT_RULES, TASKS, DiffusionEditor, EditResult, SlotEvictedError
 from sigec.diffusion.images import image_tensor, latent_mask, mask_tensor
+from sigec.diffusion.pipelines import CallInfo, IncrementalPipeline, PipelineChangedError, incremental
 from sigec.diffusion.parts import SD_SCHEDULER_CONFIG, SD_VAE_CONFIGS, VaeDecoder, VaeEncoder, ddim_scheduler, sd_vae
 
-__all__ = ["DiffusionEditor", "EditResult", "MISSING_SLOT_RULES", "SD_SCHEDULER_CONFIG", "SD_VAE_CONFIGS",
+__all__ = ["CallInfo", "DiffusionEditor", "EditResult", "IncrementalPipeline", "PipelineChangedError", "incremental", "MISSING_SLOT_RULES", "SD_SCHEDULER_CONFIG", "SD_VAE_CONFIGS",
            "SlotEvictedError", "TASKS", "VaeDecoder", "VaeEncoder", "ddim_scheduler", "image_tensor", "latent_mask",
            "mask_tensor", "sd_vae"]

@@ -154,7 +154,15 @@ class _Model:
                 "other shapes or options, or more often, than the recording did); record again with this call's "
                 "settings")
         with engine.slot(index):
-            return engine(*args, mask=session.mask_at(engine.context.input_resolution), **kwargs)
+            try:
+                return engine(*args, mask=session.mask_at(engine.context.input_resolution), **kwargs)
+            except EngineError as exc:
+                if "non-spatial" not in str(exc):
+                    raise
+                raise PipelineChangedError(
+                    f"call {index} of the {self.name} got inputs that are not images (or are images of 1x1 "
+                    "pixels) with other values than when recorded; only image inputs may follow an edit. Record "
+                    "again, or use a larger image so that no edited input is 1x1") from exc
 
     def clear(self) -> None:
         for engine in self.engines.values():

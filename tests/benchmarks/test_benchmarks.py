@@ -26,3 +26,19 @@ def test_profile_prints_the_ops_of_an_incremental_call(capsys, tmp_path):
     church256.main(["--quick", "--no-timing", "--profile", "--json", str(tmp_path / "r.json")])
     out = capsys.readouterr().out
     assert "profile of one incremental call, 5.0% edit" in out and "sigec::gather" in out
+
+
+def test_diffusers_pipelines_quick_rows_are_consistent(tmp_path):
+    pytest.importorskip("transformers")  # diffusers' pipelines import it
+    from benchmarks import diffusers_pipelines
+
+    out = tmp_path / "pipelines.json"
+    result = diffusers_pipelines.main(["--quick", "--case", "sdxl", "--case", "img2img", "--json", str(out)])
+    rows = {r["case"]: r for r in result["rows"]}
+    assert set(rows) == {"sdxl unet step", "img2img"}
+    for row in rows.values():
+        assert row["speedup"] == pytest.approx(row["dense_s"][0] / row["incremental_s"][0])
+        assert row["efficiency"] == pytest.approx(row["speedup"] / row["mac_ratio"]) and row["mac_ratio"] >= 1
+        assert row["psnr_db"] > 20 and 0 < row["edited_fraction"] < 0.05
+    assert rows["img2img"]["steps"] == 4  # int(5 * 0.8) UNet calls of the edit (--quick: 5 steps)
+    assert json.loads(out.read_text())["rows"][0]["case"] == "sdxl unet step"
