@@ -119,10 +119,13 @@ def _rebase_blocks(base: torch.Tensor, old_indices: torch.Tensor, old_saved: tor
 
 
 def _priced_ops(plan: "Plan") -> list:
-    """``(node, block-index position, grid cells)`` of each sparse op the partition priced."""
+    """``(node, block-index position, grid cells)`` of each sparse op the partition priced; none
+    where a dense run would give another result than the plan (``sige`` masks, or approximations):
+    there the edit stays incremental, as the mask promises."""
     positions = {key: i for i, key in enumerate(plan.signature.blocks)}
-    priced = []
-    if plan.context.kernel_costs is None:
+    priced: list = []
+    ctx = plan.context
+    if ctx.kernel_costs is None or ctx.settings.policy != "exact" or ctx.approximations:
         return priced
     for node in plan.graph_module.graph.nodes:
         decision, window = node.meta.get(K.DECISION), node.meta.get(K.WINDOW)

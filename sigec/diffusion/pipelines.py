@@ -275,13 +275,18 @@ def _difference_mask(recorded: dict, current: dict) -> torch.Tensor:
     return out
 
 
-def _explicit_mask(mask: Any) -> torch.Tensor:
+def _explicit_mask(mask: Any, recorded: dict) -> torch.Tensor:
+    """``mask=`` as a boolean tensor, checked against the size of the editable images."""
     if hasattr(mask, "convert") and hasattr(mask, "size"):  # PIL, white = edited
         import numpy as np
-        return torch.from_numpy(np.asarray(mask.convert("L")) > 127)
+        mask = torch.from_numpy(np.asarray(mask.convert("L")) > 127)
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 2:
         raise TypeError(f"mask= must be an (H, W) bool tensor or a PIL image (white = edited), got "
                         f"{getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}")
+    sizes = {tuple(t.shape[-2:]) for t in recorded.values()}
+    if sizes and tuple(mask.shape) not in sizes:
+        raise ValueError(f"mask= is {tuple(mask.shape)} but the editable images are {sorted(sizes)}; paint the mask "
+                         "at the image's size")
     return mask.cpu()
 
 
@@ -360,6 +365,8 @@ class IncrementalPipeline:
         arguments.update(arguments.pop("kwargs", {}) or {})
         editable = {name: _image_batch(arguments[name]) for name in EDITABLE if arguments.get(name) is not None}
         state = self._state(arguments)
+        # which images are given, and their sizes, are settings too: an edit keeps them
+        state["settings"]["editable images"] = _digest([(name, tuple(t.shape)) for name, t in editable.items()])
         changed = [] if self._recorded is None else self._changes(self._recorded["state"], state)
         start = time.perf_counter()
         if self._recorded is None or changed:
@@ -380,7 +387,8 @@ class IncrementalPipeline:
             out = self._record(args, kwargs, state, editable)
             kind, pixel_mask = "record", None
         else:
-            pixel_mask = _explicit_mask(mask) if mask is not None else _difference_mask(self._recorded["editable"], editable)
+            pixel_mask = (_explicit_mask(mask, self._recorded["editable"]) if mask is not None
+                          else _difference_mask(self._recorded["editable"], editable))
             out = self._run(args, kwargs, recording=False, mask=pixel_mask)
             kind = "edit"
         self.last = CallInfo(kind, changed, pixel_mask, time.perf_counter() - start,

@@ -155,6 +155,11 @@ def test_recording_needs_a_generator_and_masks_are_checked(img2img):
     inc(image=_image(), generator=_gen(), **kw)
     with pytest.raises(TypeError, match="bool"):
         inc(image=_image(), generator=_gen(), mask=torch.ones(SIZE, SIZE), **kw)
+    with pytest.raises(ValueError, match="image's size"):
+        inc(image=_image(), generator=_gen(), mask=torch.ones(16, 16, dtype=torch.bool), **kw)
+    # another image size is another recording, not an edit
+    inc(image=_image(size=SIZE // 2), generator=_gen(), **kw)
+    assert inc.last.kind == "record" and "editable images" in inc.last.changed
     with pytest.raises(ValueError, match="on_change"):
         IncrementalPipeline(pipe, on_change="ignore")
     with pytest.raises(TypeError, match="no unet"):
