@@ -574,6 +574,42 @@ def test_cuda_graph_replay_does_not_synchronize():
     assert plan.incremental.replays == 2
 
 
+@needs_gpu
+def test_cuda_capture_records_hold_device_memory():
+    assert native.load_cuda(), native.cuda_status()
+    _, engine, x = _engine("cuda", torch.float16)
+    cuda_graphs.set_runner(engine, "cuda-graphs")
+    engine(_edit(x, 4, 4))  # eager + capture
+    engine(_edit(x, 4, 4, value=2.0))  # replay
+    records = [r for rs in engine.report().captures.values() for r in rs]
+    assert len(records) == 1 and records[0].replays == 1
+    assert records[0].capture_s > 0 and records[0].memory_bytes > records[0].static_bytes > 0
+
+
+@needs_gpu
+def test_graph_launch_count_is_a_lower_bound_of_the_profiled_kernels():
+    from torch.profiler import ProfilerActivity, profile
+
+    from sigec.core.launches import count_launches
+
+    assert native.load_cuda(), native.cuda_status()
+    _, engine, x = _engine("cuda", torch.float16)
+    x_edit = _edit(x, 4, 4)
+    engine(x_edit)
+    plan = engine._plan
+    calls = []
+    graph = plan.incremental
+    plan.incremental = lambda *a: calls.append(a) or graph(*a)
+    engine(x_edit)
+    plan.incremental = graph
+    torch.cuda.synchronize()
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        graph(*calls[0])
+        torch.cuda.synchronize()
+    kernels = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    assert count_launches(plan, calls[0]).launches <= kernels
+
+
 # ---------------------------------------------------------------------------------------------
 # benchmarks on CUDA
 
