@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import operator
 import weakref
 from collections import Counter
 from typing import Any, Callable, Optional, Sequence
@@ -51,7 +50,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 log = logging.getLogger("sigec.core.launches")
 
-aten = torch.ops.aten
 
 KINDS = ("gather", "scatter", "conv", "matmul", "attention", "norm", "pointwise", "other")
 

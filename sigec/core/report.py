@@ -1,7 +1,9 @@
-"""``engine.report()``: per-node decision, mask fraction, block geometry and MACs."""
+"""``engine.report()``: per-node decision, mask fraction, block geometry and MACs; kernel launches
+per plan and the CUDA graphs held."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Optional
 
 import torch
@@ -12,6 +14,8 @@ from sigec.ir.macs import macs_per_output_pixel, node_macs
 from sigec.passes.op_table import OpKind
 from sigec.ir.plan import DecisionKind
 from sigec.runtime import masks as M
+
+log = logging.getLogger("sigec.core.report")
 
 
 @dataclasses.dataclass
@@ -43,7 +47,8 @@ class Report:
     planned_fractions: tuple = ()
     #: the kernel costs the cost model priced sparse against dense with
     kernel_costs: str = ""
-    #: kernel launches of one incremental call of each plan, by planned edit area (``sigec.core.launches``)
+    #: kernel launches of one incremental call of each plan, by planned edit area (``sigec.core.launches``;
+    #: a string says why a plan's could not be counted)
     launches: dict = dataclasses.field(default_factory=dict)
     #: CUDA graphs held by each plan's runner (``sigec.core.cuda_graphs.CaptureRecord``), by planned edit area
     captures: dict = dataclasses.field(default_factory=dict)
@@ -87,7 +92,8 @@ class Report:
             lines.append(f"kernel costs: {self.kernel_costs}")
         for fraction, count in self.launches.items():
             mark = " (this edit's plan)" if fraction == self.planned_fraction else ""
-            lines.append(f"launches per call, plan {fraction:.1%}{mark}: {count.describe()}")
+            text = count.describe() if isinstance(count, LaunchCount) else f"not counted ({count})"
+            lines.append(f"launches per call, plan {fraction:.1%}{mark}: {text}")
         for fraction, records in self.captures.items():
             if records:
                 lines.append(f"CUDA graphs, plan {fraction:.1%}: " + "; ".join(r.describe() for r in records))
@@ -138,11 +144,21 @@ def build_report(engine, stats: Optional[dict]) -> Report:
             approximation=ctx.approximations.get(node.name, ""), estimate=decision.estimate))
     input_frac = float(stats["input_mask"].float().mean()) if stats is not None else None
     costs = ctx.kernel_costs.summary() if ctx.kernel_costs is not None else ""
-    launches: dict[float, LaunchCount] = {p.planned_fraction: count_launches(p) for p in engine.plans}
+    launches = {p.planned_fraction: _launches(p) for p in engine.plans}
     captures = {p.planned_fraction: p.incremental.capture_records(_slot_names(engine))
                 for p in engine.plans if hasattr(p.incremental, "capture_records")}
     return Report(rows, ctx.settings.policy, input_frac, ctx.settings.planned_fractions[0],
                   tuple(p.planned_fraction for p in engine.plans), costs, launches, captures)
+
+
+def _launches(plan) -> "LaunchCount | str":
+    """The plan's launch count, or why it could not be read (the rest of the report stands)."""
+    try:
+        return count_launches(plan)
+    except Exception as exc:  # an op without a meta kernel, for example
+        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        log.warning("kernel launches of plan %.3g not counted: %s", plan.planned_fraction, reason)
+        return reason
 
 
 def _slot_names(engine) -> dict:

@@ -31,6 +31,9 @@ def test_smoke_runs_the_sdedit_loop(tmp_path, capsys):
     (loop,) = result["rows"]
     assert loop["steps"] == 1 and loop["loop_incremental_s"] > 0 and loop["loop_dense_s"] > 0
     assert loop["speedup"] > 0 and loop["psnr_db"] > 0 and loop["psnr_no_recompute_db"] > 0
+    # the replayed loop computes what the eager one did; every engine captured its step
+    assert loop["graphs_vs_eager_psnr_db"] > 60
+    assert loop["captures"] >= 3 and loop["loop_graphs_s"] > 0 and loop["capture_bytes"] > 0
     assert "sd-tiny SDEdit loop 128x128" in capsys.readouterr().out
 
 

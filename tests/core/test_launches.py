@@ -110,18 +110,18 @@ def test_views_and_no_op_conversions_launch_nothing():
 
 def test_sigec_ops_count_the_kernels_of_their_cuda_implementation():
     def build(g, x):
-        idx = g.placeholder("idx")
+        idx, base = g.placeholder("idx"), g.placeholder("base")
         cat = g.call_function(torch.ops.sigec.gather_cat.default,
                               ([x, x], idx, [4, 4], [4, 4], [0, 0], "constant", 0.0, None, None, "none", 0.0))
         fused = g.call_function(torch.ops.sigec.scatter_gather_.default,
-                                (x, cat, idx, [4, 4], idx, [4, 4], [4, 4], [0, 0], "constant", 0.0))
+                                (base, cat, idx, [4, 4], idx, [4, 4], [4, 4], [0, 0], "constant", 0.0))
         return (fused,)
 
     gm = _graph(build)
-    x = torch.randn(1, 2, 8, 8)
-    idx = torch.tensor([[0, 0], [1, 1]])
-    cat_x = torch.randn(1, 4, 8, 8)
-    count = count_launches(types.SimpleNamespace(incremental=gm, planned_fraction=1.0), [cat_x, idx])
+    inputs = (torch.randn(1, 2, 8, 8), torch.tensor([[0, 0], [1, 1]]), torch.randn(1, 4, 8, 8))
+    count = count_launches(types.SimpleNamespace(incremental=gm, planned_fraction=1.0), inputs)
+    with torch.no_grad():
+        assert sum(launching_ops(lambda: gm(*inputs)).values()) == count.ops == 2
     # gather_cat: one kernel per source; scatter_gather_: a scatter then a gather
     assert count.by_node == {"gather_cat_default": 2, "scatter_gather__default": 2}
     assert (count.launches, count.ops, count.nodes) == (4, 2, 2)
@@ -171,3 +171,19 @@ def test_report_lists_launches_per_plan():
     text = str(report)
     assert "launches per call, plan 5.0% (this edit's plan)" in text
     assert f"{report.launches[0.3].launches} launches" in text
+
+
+def test_report_stands_when_a_plan_cannot_be_counted(monkeypatch, caplog):
+    from sigec.core import report as report_module
+
+    engine, x = _engine(TwoConvs())
+    engine(_edit(x))
+
+    def refuse(plan):
+        raise NotImplementedError("no meta kernel for sigec.example\nmore")
+
+    monkeypatch.setattr(report_module, "count_launches", refuse)
+    report = engine.report()
+    assert report.launches == {0.05: "NotImplementedError: no meta kernel for sigec.example"}
+    assert "not counted (NotImplementedError: no meta kernel" in str(report)
+    assert "not counted" in caplog.text
