@@ -33,6 +33,7 @@ import os
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -147,9 +148,13 @@ def profiled_kernels(fn: Callable[[], Any], device: str) -> Optional[int]:
     with torch.no_grad():
         fn()
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            fn()
-            torch.cuda.synchronize()
+        try:
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                fn()
+                torch.cuda.synchronize()
+        except RuntimeError as exc:  # no CUPTI, or another profiler running: the timings still stand
+            print(f"torch.profiler failed ({exc}); kernels not counted", flush=True)
+            return None
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
@@ -473,27 +478,38 @@ def main(argv: Optional[list[str]] = None) -> dict:
     rows: list[dict] = []
     skipped: list[str] = []
     section_s: dict[str, float] = {}
+    errors: dict[str, str] = {}
     for section in args.sections:
         start = time.perf_counter()
-        if section in ("sd", "sd-cfg"):
-            batches = tuple(b for b in setup.sd_batches if (b == 1) == (section == "sd"))
-            rows += sd_rows(setup, budget, args.compile_mode, skipped, batches)
-        elif not budget.allows(setup.estimates[section]):
-            skipped.append(f"{section}: {budget.left():.0f} s left")
-        else:
-            rows += church_rows(setup) if section == "church" else [loop_row(setup)]
+        try:
+            if section in ("sd", "sd-cfg"):
+                batches = tuple(b for b in setup.sd_batches if (b == 1) == (section == "sd"))
+                rows += sd_rows(setup, budget, args.compile_mode, skipped, batches)
+            elif not budget.allows(setup.estimates[section]):
+                skipped.append(f"{section}: {budget.left():.0f} s left")
+            else:
+                rows += church_rows(setup) if section == "church" else [loop_row(setup)]
+        except Exception as exc:  # one lease, one run: keep the other sections' figures
+            if args.smoke:
+                raise
+            errors[section] = f"{type(exc).__name__}: {exc}"
+            traceback.print_exc()
         section_s[section] = time.perf_counter() - start
         print(f"{section}: {section_s[section]:.0f} s", flush=True)
     print(format_table(rows))
     if skipped:
         print("skipped (budget): " + "; ".join(skipped))
+    for section, error in errors.items():
+        print(f"failed: {section}: {error}")
     elapsed = args.budget_s - budget.left()
     print(f"total {elapsed:.0f} s")
     result = {"device": setup.device, "device_name": torch.cuda.get_device_name() if setup.device == "cuda" else None,
               "dtype": str(setup.dtype), "torch": torch.__version__, "smoke": args.smoke,
               "compile_mode": args.compile_mode, "repeats": setup.repeats, "budget_s": args.budget_s,
-              "elapsed_s": elapsed, "section_s": section_s, "skipped": skipped, "rows": rows}
+              "elapsed_s": elapsed, "section_s": section_s, "skipped": skipped, "errors": errors, "rows": rows}
     print(f"wrote {write_json(args.json, result)}")
+    if errors:
+        raise SystemExit(f"{len(errors)} section(s) failed: {', '.join(errors)} (the others are in {args.json})")
     return result
 
 
