@@ -130,6 +130,10 @@ class SlotStore:
     def keys(self) -> list:
         return list(self._slots)
 
+    def items(self) -> list:
+        """``(key, slot)`` pairs, least recently used first, without changing that order."""
+        return list(self._slots.items())
+
     def get(self, key: Hashable) -> Optional[Slot]:
         slot = self._slots.get(key)
         if slot is not None:

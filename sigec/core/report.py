@@ -1,14 +1,21 @@
-"""``engine.report()``: per-node decision, mask fraction, block geometry and MACs."""
+"""``engine.report()``: per-node decision, mask fraction, block geometry and MACs; kernel launches
+per plan and the CUDA graphs held."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Optional
 
+import torch
+
+from sigec.core.launches import LaunchCount, count_launches
 from sigec.ir import meta_keys as K
 from sigec.ir.macs import macs_per_output_pixel, node_macs
 from sigec.passes.op_table import OpKind
 from sigec.ir.plan import DecisionKind
 from sigec.runtime import masks as M
+
+log = logging.getLogger("sigec.core.report")
 
 
 @dataclasses.dataclass
@@ -40,6 +47,11 @@ class Report:
     planned_fractions: tuple = ()
     #: the kernel costs the cost model priced sparse against dense with
     kernel_costs: str = ""
+    #: kernel launches of one incremental call of each plan, by planned edit area (``sigec.core.launches``;
+    #: a string says why a plan's could not be counted)
+    launches: dict = dataclasses.field(default_factory=dict)
+    #: CUDA graphs held by each plan's runner (``sigec.core.cuda_graphs.CaptureRecord``), by planned edit area
+    captures: dict = dataclasses.field(default_factory=dict)
 
     @property
     def dense_macs(self) -> int:
@@ -78,6 +90,13 @@ class Report:
                          "the one nearest its edit area)")
         if self.kernel_costs:
             lines.append(f"kernel costs: {self.kernel_costs}")
+        for fraction, count in self.launches.items():
+            mark = " (this edit's plan)" if fraction == self.planned_fraction else ""
+            text = count.describe() if isinstance(count, LaunchCount) else f"not counted ({count})"
+            lines.append(f"launches per call, plan {fraction:.1%}{mark}: {text}")
+        for fraction, records in self.captures.items():
+            if records:
+                lines.append(f"CUDA graphs, plan {fraction:.1%}: " + "; ".join(r.describe() for r in records))
         fb = self.fallbacks()
         if fb:
             lines.append(f"fallbacks ({len(fb)}): " + "; ".join(f"{k}: {v}" for k, v in list(fb.items())[:10]))
@@ -125,5 +144,29 @@ def build_report(engine, stats: Optional[dict]) -> Report:
             approximation=ctx.approximations.get(node.name, ""), estimate=decision.estimate))
     input_frac = float(stats["input_mask"].float().mean()) if stats is not None else None
     costs = ctx.kernel_costs.summary() if ctx.kernel_costs is not None else ""
+    launches = {p.planned_fraction: _launches(p) for p in engine.plans}
+    captures = {p.planned_fraction: p.incremental.capture_records(_slot_names(engine))
+                for p in engine.plans if hasattr(p.incremental, "capture_records")}
     return Report(rows, ctx.settings.policy, input_frac, ctx.settings.planned_fractions[0],
-                  tuple(p.planned_fraction for p in engine.plans), costs)
+                  tuple(p.planned_fraction for p in engine.plans), costs, launches, captures)
+
+
+def _launches(plan) -> "LaunchCount | str":
+    """The plan's launch count, or why it could not be read (the rest of the report stands)."""
+    try:
+        return count_launches(plan)
+    except Exception as exc:  # an op without a meta kernel, for example
+        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        log.warning("kernel launches of plan %.3g not counted: %s", plan.planned_fraction, reason)
+        return reason
+
+
+def _slot_names(engine) -> dict:
+    """Data pointer of each recorded slot's first cached tensor -> the slot's name, so capture
+    records (keyed by their caches' addresses) name their slot."""
+    names = {}
+    for key, slot in engine.store.items():
+        for cache in slot.caches:
+            if isinstance(cache, torch.Tensor):
+                names[cache.data_ptr()] = key[1]
+    return names

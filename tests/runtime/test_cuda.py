@@ -442,6 +442,52 @@ def test_host_replay_evicts_the_least_recently_used_graph():
     assert runner.replays == 1
 
 
+def test_captures_are_keyed_by_slot_plan_and_block_counts():
+    _, engine, x = _engine(expected_active_fraction=0.05)
+    with engine.slot("b"):
+        engine(x)
+    cuda_graphs.set_runner(engine, "cuda-graphs", recorder=HostRecorder())
+    (runner,) = [p.incremental for p in engine.plans]
+    engine(_edit(x, 4, 4))                     # default slot: eager, captured
+    engine(_edit(x, 4, 4, value=-1.0))         # same slot, same blocks: replayed
+    engine(_edit(x, 8, 8))                     # same slot, blocks moved by one block: replayed
+    with engine.slot("b"):
+        engine(_edit(x, 4, 4))                 # another slot, same block count: its own capture
+        engine(_edit(x, 16, 4, size=10))       # more blocks: another capture
+    assert (runner.captures, runner.replays) == (3, 2)
+    default = next(key[1] for key, _ in engine.store.items() if key[1] != "b")
+    report = engine.report()
+    records = report.captures[0.05]
+    assert [(r.slot, r.plan, r.replays) for r in records] == [(default, 0.05, 2), ("b", 0.05, 0), ("b", 0.05, 0)]
+    small, large = records[1].block_counts, records[2].block_counts
+    assert records[0].block_counts == small and sum(large) > sum(small) == records[1].active_blocks
+    for r in records:
+        assert r.capture_s > 0
+        # static copies of the inputs and block indices, plus the graph's outputs other than the
+        # caches it updates in place (here: none): never the caches, which the graph shares
+        assert 0 < r.static_bytes <= r.memory_bytes < engine.store.nbytes()
+    assert runner.capture_s == pytest.approx(sum(r.capture_s for r in records))
+    assert "CUDA graphs, plan 5.0%: slot " in str(report) and "slot b, " in str(report)
+
+
+def test_capture_memory_is_what_the_recorder_reports_holding():
+    class Metered(HostRecorder):
+        held = 0
+
+        def capture(self, fn, static_args):
+            Metered.held += 1000  # as a CUDA pool reserving a segment
+            return super().capture(fn, static_args)
+
+        def memory_in_use(self):
+            return Metered.held
+
+    _, engine, x = _engine(expected_active_fraction=0.05)
+    cuda_graphs.set_runner(engine, "cuda-graphs", recorder=Metered())
+    engine(_edit(x, 4, 4))
+    (record,) = engine.incremental.capture_records()
+    assert record.memory_bytes == 1000 + record.static_bytes and record.slot is None
+
+
 def test_capture_failure_warns_once_and_runs_eagerly():
     _, engine, x = _engine()
     _, eager, _ = _engine()
@@ -526,6 +572,42 @@ def test_cuda_graph_replay_does_not_synchronize():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert plan.incremental.replays == 2
+
+
+@needs_gpu
+def test_cuda_capture_records_hold_device_memory():
+    assert native.load_cuda(), native.cuda_status()
+    _, engine, x = _engine("cuda", torch.float16)
+    cuda_graphs.set_runner(engine, "cuda-graphs")
+    engine(_edit(x, 4, 4))  # eager + capture
+    engine(_edit(x, 4, 4, value=2.0))  # replay
+    records = [r for rs in engine.report().captures.values() for r in rs]
+    assert len(records) == 1 and records[0].replays == 1
+    assert records[0].capture_s > 0 and records[0].memory_bytes > records[0].static_bytes > 0
+
+
+@needs_gpu
+def test_graph_launch_count_is_a_lower_bound_of_the_profiled_kernels():
+    from torch.profiler import ProfilerActivity, profile
+
+    from sigec.core.launches import count_launches
+
+    assert native.load_cuda(), native.cuda_status()
+    _, engine, x = _engine("cuda", torch.float16)
+    x_edit = _edit(x, 4, 4)
+    engine(x_edit)
+    plan = engine._plan
+    calls = []
+    graph = plan.incremental
+    plan.incremental = lambda *a: calls.append(a) or graph(*a)
+    engine(x_edit)
+    plan.incremental = graph
+    torch.cuda.synchronize()
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        graph(*calls[0])
+        torch.cuda.synchronize()
+    kernels = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    assert count_launches(plan, calls[0]).launches <= kernels
 
 
 # ---------------------------------------------------------------------------------------------
