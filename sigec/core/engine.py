@@ -310,7 +310,7 @@ class Engine(torch.nn.Module):
         out = None
         for pos, old in zip(self._spatial_pos, slot.spatial_inputs):
             # "not <= eps" also flags NaN and Inf differences as edited (NaN > eps is False)
-            diff = ~((flat[pos] - old).abs() <= eps).reshape(-1, *res).all(dim=0)
+            diff = M.difference_mask(flat[pos], old, eps, res)
             out = diff if out is None else out | diff
         return out
 

@@ -96,3 +96,22 @@ def test_pointwise_window_is_its_source():
     mask = torch.rand(9, 11, generator=torch.Generator().manual_seed(0)) > 0.8
     expr = M.Window(M.InputMask((9, 11)), (1, 1), (1, 1), (0, 0), (1, 1), (9, 11))
     assert torch.equal(M.evaluate_masks([expr], mask)[expr], mask)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("eps", [0.0, 1e-3, -1.0])
+def test_difference_mask_flags_every_pixel_whose_difference_is_not_within_eps(eps, channels_last):
+    g = torch.Generator().manual_seed(0)
+    old = torch.randn(2, 3, 6, 7, generator=g)
+    new = old.clone()
+    new[0, 1, 2, 3] += 1.0            # edited
+    new[1, 2, 4, 5] += 5e-4           # within 1e-3
+    new[0, 0, 1, 1] = float("nan")    # NaN difference: edited
+    new[1, 1, 5, 6] = old[1, 1, 5, 6] = float("inf")  # inf - inf is NaN: edited
+    new[0, 2, 0, 0] = float("-inf")   # infinite difference: edited
+    if channels_last:
+        new, old = new.to(memory_format=torch.channels_last), old.to(memory_format=torch.channels_last)
+    want = ~((new - old).abs() <= eps).reshape(-1, 6, 7).all(dim=0)  # the per-channel definition
+    got = M.difference_mask(new, old, eps, (6, 7))
+    assert got.dtype == torch.bool and torch.equal(got, want)
+    assert got[2, 3] and got[1, 1] and got[5, 6] and got[0, 0] and got[4, 5] == (eps < 5e-4)
