@@ -23,7 +23,8 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script or with -m
 
-from benchmarks.common import EditCase, benchmark_arguments, parse_fractions, run_edit_benchmark  # noqa: E402
+from benchmarks.common import (EditCase, benchmark_arguments, parse_fractions, parse_shapes,  # noqa: E402
+                               run_edit_benchmark)
 from sigec.models import UNET_CONFIGS, ddpm_unet  # noqa: E402
 
 TIMESTEP = 500
@@ -46,10 +47,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--config", default="church256", choices=["church256", "church-small"],
                         help="UNet configuration from sigec.models.UNET_CONFIGS")
     args = parser.parse_args(argv)
-    fractions = parse_fractions(parser, args)
+    fractions, shapes = parse_fractions(parser, args), parse_shapes(parser, args)
     if args.quick:
         args.config, fractions, args.repeats = "church-small", [0.05], 1
-    return run_edit_benchmark(church_case(args.config), args, fractions)
+    return run_edit_benchmark(church_case(args.config), args, fractions, shapes)
 
 
 if __name__ == "__main__":

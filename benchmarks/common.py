@@ -27,6 +27,28 @@ def ellipse_mask(h: int, w: int, fraction: float) -> torch.Tensor:
     return edits.ellipse_mask(h, w, fraction, centre=(0.6, 0.4), aspect=1.5)
 
 
+def brush_mask(h: int, w: int, fraction: float) -> torch.Tensor:
+    """A brush stroke (a wavy line, ``sigec.frontends.edits.wavy_stroke``) covering ``fraction``
+    of the image: thin and long, so it touches many more blocks than an ellipse of its area."""
+    points, radius = edits.wavy_stroke(h, w, fraction, centre=(0.55, 0.35))
+    return edits.brush_stroke_mask(points, radius, h, w)
+
+
+#: edit shapes by name (``--shapes``): ``(h, w, fraction) -> H x W bool mask``
+SHAPES: dict[str, Callable[[int, int, float], torch.Tensor]] = {"ellipse": ellipse_mask, "brush": brush_mask}
+
+
+def edit_mask(shape: str, h: int, w: int, fraction: float) -> torch.Tensor:
+    """The mask of edit shape ``shape`` (a key of ``SHAPES``) covering ``fraction`` of h x w."""
+    return SHAPES[shape](h, w, fraction)
+
+
+def decoy_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Another mask of the same size and shape (``mask`` turned by 180 degrees): editing it just
+    before ``mask`` makes the next call a first call of a new mask."""
+    return mask.flip(-1).flip(-2)
+
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -95,9 +117,19 @@ def benchmark_arguments(description: str, default_json: str) -> argparse.Argumen
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="the model's and inputs' dtype")
     p.add_argument("--runner", default="eager", choices=list(cuda_graphs.RUNNERS),
                    help="how the incremental graph runs (sigec.core.cuda_graphs.set_runner); the dense model stays eager")
+    p.add_argument("--shapes", default="ellipse",
+                   help=f"comma-separated edit shapes, each measured at every fraction ({', '.join(SHAPES)})")
     p.add_argument("--profile", action="store_true",
-                   help="print where one incremental call of the first edit spends its time (torch.profiler, by op)")
+                   help="print where one incremental call of each edit spends its time (torch.profiler, by op)")
     return p
+
+
+def parse_shapes(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    unknown = [s for s in shapes if s not in SHAPES]
+    if unknown or not shapes:
+        parser.error(f"--shapes must name some of {', '.join(SHAPES)}, got {args.shapes!r}")
+    return shapes
 
 
 def check_device(args: argparse.Namespace) -> None:
@@ -149,6 +181,32 @@ def time_interleaved(dense: Callable, incremental: Callable, repeats: int) -> tu
     return tuple((statistics.median(s), min(s), max(s)) for s in samples)
 
 
+def time_first_and_repeated(dense: Callable, decoy: Callable, incremental: Callable,
+                            repeats: int) -> tuple[tuple, tuple, tuple]:
+    """``(median, min, max)`` seconds of a dense call, of the first incremental call of a mask and
+    of a repeated call of it, timed turn by turn.
+
+    Each round runs ``dense()``, then ``decoy()`` (an edit of another mask, untimed), so that the
+    next ``incremental()`` meets a new mask: it restores the blocks the decoy dirtied and saves
+    the baselines of its own before it computes (the first call of a stroke). The second
+    ``incremental()`` repeats the same mask, as an interactive stroke being refined does.
+    """
+    samples: tuple[list, list, list] = ([], [], [])
+    with torch.no_grad():
+        dense(), decoy(), incremental()  # warm-up
+        for _ in range(repeats):
+            samples[0].append(time_call(dense, 1, warmup=0)[0])
+            decoy()
+            samples[1].append(time_call(incremental, 1, warmup=0)[0])
+            samples[2].append(time_call(incremental, 1, warmup=0)[0])
+    return tuple((statistics.median(s), min(s), max(s)) for s in samples)
+
+
+def efficiency(speedup: Optional[float], mac_ratio: Optional[float]) -> Optional[float]:
+    """How much of the MAC cut the wall clock keeps: speed-up over MAC ratio (1 = all of it)."""
+    return speedup / mac_ratio if speedup and mac_ratio else None
+
+
 def active_blocks_total(engine, mask: torch.Tensor) -> int:
     """Active blocks summed over every (mask, grid) index set the incremental graph gathers with."""
     blocks = engine.mask_stats(mask)["blocks"]
@@ -156,14 +214,16 @@ def active_blocks_total(engine, mask: torch.Tensor) -> int:
 
 
 def measure_edit(engine, case: EditCase, fraction: float, timing: bool, repeats: int,
-                 device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
-    """MACs, cache memory, quality and (optionally) timings of one elliptical edit.
+                 device: str = "cpu", dtype: torch.dtype = torch.float32, shape: str = "ellipse") -> dict:
+    """MACs, cache memory, quality and (optionally) timings of one edit of ``shape``.
 
     ``case.inputs`` are CPU fp32 (the edit is made there); the model runs on ``device`` in ``dtype``.
+    Timings: dense, the first incremental call of the edit's mask and a repeated call
+    (``time_first_and_repeated``); ``speedup`` is that of the repeated call.
     """
     h, w = engine.context.input_resolution
     if fraction > 0:
-        edited, mask = case.edit(case.inputs, ellipse_mask(h, w, fraction))
+        edited, mask = case.edit(case.inputs, edit_mask(shape, h, w, fraction))
     else:
         edited, mask = case.inputs, torch.zeros(h, w, dtype=torch.bool)
     edited = _to_device(edited, device, dtype)
@@ -172,6 +232,7 @@ def measure_edit(engine, case: EditCase, fraction: float, timing: bool, repeats:
         y_incr = case.output(engine(*edited))
         y_dense = case.output(case.model(*edited))
     row = {
+        "shape": shape if fraction > 0 else "none",
         "fraction": fraction,
         "achieved_fraction": float(mask.float().mean()),
         "active_blocks": active_blocks_total(engine, mask) if mask.any() else 0,
@@ -183,48 +244,101 @@ def measure_edit(engine, case: EditCase, fraction: float, timing: bool, repeats:
     }
     row["mac_ratio"] = row["dense_macs"] / row["incremental_macs"] if row["incremental_macs"] else None
     if timing:
-        dense_t, incr_t = time_interleaved(_synchronized(lambda: case.model(*edited), device),
-                                           _synchronized(lambda: engine(*edited), device), repeats)
-        row.update(dense_s=list(dense_t), incremental_s=list(incr_t), speedup=dense_t[0] / incr_t[0],
+        decoy = (_to_device(case.edit(case.inputs, decoy_mask(mask))[0], device, dtype) if fraction > 0
+                 else edited)
+        dense_t, first_t, incr_t = time_first_and_repeated(_synchronized(lambda: case.model(*edited), device),
+                                                           _synchronized(lambda: engine(*decoy), device),
+                                                           _synchronized(lambda: engine(*edited), device), repeats)
+        row.update(dense_s=list(dense_t), first_s=list(first_t), incremental_s=list(incr_t),
+                   speedup=dense_t[0] / incr_t[0], first_speedup=dense_t[0] / first_t[0],
                    dense_fraction_of_time=incr_t[0] / dense_t[0])
+        row.update(efficiency=efficiency(row["speedup"], row["mac_ratio"]),
+                   first_efficiency=efficiency(row["first_speedup"], row["mac_ratio"]))
     return row
 
 
-def profile_table(engine, case: EditCase, fraction: float, device: str = "cpu",
-                  dtype: torch.dtype = torch.float32, rows: int = 15) -> str:
-    """``torch.profiler``'s table by op (self CPU time) of one incremental call of an edit."""
+def profile_rows(events, rows: int = 15) -> list[dict]:
+    """The ``rows`` ops with the most self CPU time in ``prof.key_averages()``: ``{"op", "ms",
+    "calls", "share"}``, plus a last row ``"rest"`` with the others (share of the total self time)."""
+    ops = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in ops) or 1.0
+    out = [{"op": e.key, "ms": e.self_cpu_time_total / 1e3, "calls": e.count, "share": e.self_cpu_time_total / total}
+           for e in ops[:rows]]
+    rest = ops[rows:]
+    if rest:
+        t = sum(e.self_cpu_time_total for e in rest)
+        out.append({"op": f"rest ({len(rest)} ops)", "ms": t / 1e3, "calls": sum(e.count for e in rest),
+                    "share": t / total})
+    return out
+
+
+def profile_edit(engine, case: EditCase, fraction: float, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 shape: str = "ellipse", rows: int = 15) -> dict:
+    """Where one (repeated) incremental call of an edit spends its time: ``torch.profiler``'s self
+    CPU time by op, with the call's wall time under the profiler and its op-call count."""
     h, w = engine.context.input_resolution
-    edited, _ = case.edit(case.inputs, ellipse_mask(h, w, fraction))
+    edited, _ = case.edit(case.inputs, edit_mask(shape, h, w, fraction))
     edited = _to_device(edited, device, dtype)
     with torch.no_grad():
         engine(*edited)  # warm-up, and the blocks this edit writes are saved
+        start = time.perf_counter()
         with torch.profiler.profile() as prof:
             engine(*edited)
-    return (f"profile of one incremental call, {fraction:.1%} edit:\n"
-            + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+        wall = time.perf_counter() - start
+    events = prof.key_averages()
+    return {"fraction": fraction, "shape": shape, "wall_ms": wall * 1e3,
+            "op_calls": sum(e.count for e in events), "rows": profile_rows(events, rows)}
+
+
+def format_profile(profile: dict) -> str:
+    head = f"{'op':40s} {'self ms':>9s} {'calls':>6s} {'share':>6s}"
+    lines = [f"profile of one incremental call, {profile['fraction']:.1%} edit ({profile['shape']}): "
+             f"{profile['wall_ms']:.0f} ms under the profiler, {profile['op_calls']} op calls",
+             head, "-" * len(head)]
+    lines += [f"{r['op'][:40]:40s} {r['ms']:>9.1f} {r['calls']:>6d} {r['share']:>6.1%}" for r in profile["rows"]]
+    return "\n".join(lines)
+
+
+def profile_table(engine, case: EditCase, fraction: float, device: str = "cpu",
+                  dtype: torch.dtype = torch.float32, rows: int = 15, shape: str = "ellipse") -> str:
+    """The by-op profile of one incremental call of an edit, as a printed table."""
+    return format_profile(profile_edit(engine, case, fraction, device, dtype, shape, rows))
 
 
 def _ms(t: Optional[list]) -> str:
     return f"{t[0] * 1e3:.0f} [{t[1] * 1e3:.0f},{t[2] * 1e3:.0f}]" if t else "-"
 
 
+def _x(v: Optional[float]) -> str:
+    return f"{v:.2f}x" if v else "-"
+
+
+def _eff(v: Optional[float]) -> str:
+    return f"{v:.2f}" if v else "-"
+
+
 def format_table(rows: list[dict]) -> str:
-    head = (f"{'frac req':>8} {'frac got':>8} {'blocks':>7} {'dense GMAC':>10} {'incr GMAC':>9} "
+    """The edit table. ``speedup`` and ``effic.`` (speed-up / MAC ratio) are those of a repeated
+    call of the edit's mask; ``1st`` columns those of its first call."""
+    head = (f"{'shape':7} {'frac req':>8} {'frac got':>8} {'blocks':>7} {'dense GMAC':>10} {'incr GMAC':>9} "
             f"{'MAC ratio':>9} {'cache MiB':>9} {'PSNR dB':>8} {'dense ms [min,max]':>20} "
-            f"{'incr ms [min,max]':>20} {'speedup':>7}")
+            f"{'1st call ms [min,max]':>21} {'incr ms [min,max]':>20} {'1st spdup':>9} {'speedup':>7} "
+            f"{'1st eff.':>8} {'effic.':>6}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        ratio = f"{r['mac_ratio']:.2f}x" if r["mac_ratio"] else "-"
-        speed = f"{r['speedup']:.2f}x" if "speedup" in r else "-"
-        lines.append(f"{r['fraction']:>8.3f} {r['achieved_fraction']:>8.4f} {r['active_blocks']:>7d} "
-                     f"{r['dense_macs'] / 1e9:>10.2f} {r['incremental_macs'] / 1e9:>9.2f} {ratio:>9} "
-                     f"{r['cache_bytes'] / 2**20:>9.1f} {r['psnr_db']:>8.2f} "
-                     f"{_ms(r.get('dense_s')):>20} {_ms(r.get('incremental_s')):>20} {speed:>7}")
+        lines.append(f"{r.get('shape', 'ellipse'):7} {r['fraction']:>8.3f} {r['achieved_fraction']:>8.4f} "
+                     f"{r['active_blocks']:>7d} {r['dense_macs'] / 1e9:>10.2f} {r['incremental_macs'] / 1e9:>9.2f} "
+                     f"{_x(r['mac_ratio']):>9} {r['cache_bytes'] / 2**20:>9.1f} {r['psnr_db']:>8.2f} "
+                     f"{_ms(r.get('dense_s')):>20} {_ms(r.get('first_s')):>21} {_ms(r.get('incremental_s')):>20} "
+                     f"{_x(r.get('first_speedup')):>9} {_x(r.get('speedup')):>7} "
+                     f"{_eff(r.get('first_efficiency')):>8} {_eff(r.get('efficiency')):>6}")
+    lines.append("efficiency = speed-up / MAC ratio (1.00: the wall clock keeps the whole MAC cut)")
     return "\n".join(lines)
 
 
-def run_edit_benchmark(case: EditCase, args: argparse.Namespace, fractions: list[float]) -> dict:
-    """Compile, record, then measure every edit size (and the all-false mask); print and save."""
+def run_edit_benchmark(case: EditCase, args: argparse.Namespace, fractions: list[float],
+                       shapes: Optional[list[str]] = None) -> dict:
+    """Compile, record, then measure every edit shape and size (and the all-false mask); print and save."""
     import sigec
 
     device, dtype = getattr(args, "device", "cpu"), DTYPES[getattr(args, "dtype", "fp32")]
@@ -248,17 +362,23 @@ def run_edit_benchmark(case: EditCase, args: argparse.Namespace, fractions: list
     costs = engine.context.kernel_costs
     print(f"kernel costs: {costs.summary()}", flush=True)
     cuda_graphs.set_runner(engine, runner)
-    rows = [measure_edit(engine, case, f, not args.no_timing, args.repeats, device, dtype)
-            for f in tqdm([*fractions, 0.0], desc="edit sizes", unit="mask")]
+    shapes = shapes or ["ellipse"]
+    cases = [(shape, f) for shape in shapes for f in fractions] + [("ellipse", 0.0)]
+    rows = [measure_edit(engine, case, f, not args.no_timing, args.repeats, device, dtype, shape)
+            for shape, f in tqdm(cases, desc="edit sizes", unit="mask")]
     print(format_table(rows))
+    profiles = []
     if getattr(args, "profile", False):
-        print(profile_table(engine, case, fractions[0], device, dtype))
+        for shape, f in cases[:-1]:
+            profiles.append(profile_edit(engine, case, f, device, dtype, shape))
+            print(format_profile(profiles[-1]), flush=True)
     result = {"model": case.name, "resolution": [h, w], "policy": args.policy, "threads": args.threads,
               "device": device, "device_name": torch.cuda.get_device_name() if device == "cuda" else None,
               "dtype": args.dtype, "runner": runner,
               "repeats": None if args.no_timing else args.repeats, "torch": torch.__version__,
               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "compile_s": compile_s,
-              "record_s": record_s, "kernel_costs": dataclasses.asdict(costs), "rows": rows}
+              "record_s": record_s, "kernel_costs": dataclasses.asdict(costs), "rows": rows,
+              "profiles": profiles}
     path = write_json(args.json, result)
     print(f"wrote {path}")
     return result

@@ -8,8 +8,9 @@ Pipelines are built from configurations with seeded random weights
   ellipse edit of ``--fraction`` of the image; PSNR of the edit against the plain call on the edited
   image, and the UNet step's MAC ratio and efficiency (speed-up / MAC ratio).
 * ``controlnet``: ``StableDiffusionControlNetPipeline``, one step (ControlNet and UNet, latent
-  output) after an edit of ``--fraction`` of the control image (a scribble): timed alternately with
-  the plain step, PSNR of the step's latents against it.
+  output) after an edit of ``--fraction`` of the control image (a scribble; ``--control-edit``: a
+  filled ellipse, as a segmentation map's edit, or one more stroke): timed alternately with the
+  plain step, PSNR of the UNet's noise prediction against it.
 * ``sdxl``: one step of the SDXL UNet (``added_cond_kwargs``) at an ellipse edit, engine against the
   plain UNet, alternately.
 
@@ -117,13 +118,15 @@ def bench_controlnet(args) -> dict:
     pipe = sd_pipeline("controlnet", unet=args.unet, vae=args.vae)
     pipe.set_progress_bar_config(disable=True)
     control = scribble(args.size)
-    # the edit: one more stroke, as wide as makes it cover --fraction of the image
-    path = [(x * args.size, y * args.size) for x, y in ((0.62, 0.3), (0.55, 0.45), (0.6, 0.62))]
-    radius = 1.0
-    while float(brush_stroke_mask(path, radius, args.size, args.size).float().mean()) < args.fraction:
-        radius += 0.5
-    stroke = brush_stroke_mask(path, radius, args.size, args.size)
-    edited = torch.where(stroke, 1.0, control)
+    if args.control_edit == "region":  # a filled region, as a segmentation or depth map's edit
+        edit = ellipse_mask(args.size, args.size, args.fraction)
+    else:  # one more stroke, as wide as makes it cover --fraction of the image
+        path = [(x * args.size, y * args.size) for x, y in ((0.62, 0.3), (0.55, 0.45), (0.6, 0.62))]
+        radius = 1.0
+        while float(brush_stroke_mask(path, radius, args.size, args.size).float().mean()) < args.fraction:
+            radius += 0.5
+        edit = brush_stroke_mask(path, radius, args.size, args.size)
+    edited = torch.where(edit, 1.0, control)
     kw = dict(num_inference_steps=1, guidance_scale=args.guidance, output_type="latent", height=args.size,
               width=args.size, **prompt_embeddings(pipe.unet))
     gen = lambda: torch.Generator().manual_seed(args.seed)  # noqa: E731
@@ -132,18 +135,28 @@ def bench_controlnet(args) -> dict:
     inc(image=control, generator=gen(), **kw)
     record_s = time.perf_counter() - start
     compile_s = sum(m.compile_s for m in inc.models.values())
+    # the step's noise prediction, which the PSNR compares (one step from pure noise barely moves the
+    # latents, so theirs would flatter): a forward hook sees the UNet's output in both pipelines
+    predictions = []
+    hook = pipe.unet.register_forward_hook(lambda module, inputs, output: predictions.append(output[0]))
     results = {}
     (dense_t, inc_t) = time_interleaved(lambda: results.__setitem__("dense", pipe(image=edited, generator=gen(), **kw).images),
                                         lambda: results.__setitem__("inc", inc(image=edited, generator=gen(), **kw).images),
                                         args.repeats)
+    hook.remove()
+    dense_eps, inc_eps = predictions[-2], predictions[-1]
     controlnet = next(iter(inc.models["controlnet"].engines.values()))
     unet = next(iter(inc.models["unet"].engines.values()))
     pixel_mask = inc.last.mask
     latent_mask = _latent_mask(pixel_mask, unet.context.input_resolution[0])
     c_rep, u_rep = controlnet.report(pixel_mask), unet.report(latent_mask)
     macs = (c_rep.dense_macs + u_rep.dense_macs) / max((c_rep.incremental_macs or 0) + (u_rep.incremental_macs or 0), 1)
-    return _row("controlnet step", dense_t, inc_t, psnr(results["inc"], results["dense"]), macs,
-                edited_fraction=inc.last.edited_fraction, record_s=record_s - compile_s, compile_s=compile_s)
+    return _row("controlnet step", dense_t, inc_t, psnr(inc_eps, dense_eps), macs,
+                psnr_latents_db=psnr(results["inc"], results["dense"]),
+                edited_fraction=inc.last.edited_fraction, record_s=record_s - compile_s, compile_s=compile_s,
+                mac_ratio_controlnet=c_rep.dense_macs / max(c_rep.incremental_macs or 1, 1),
+                mac_ratio_unet=u_rep.dense_macs / max(u_rep.incremental_macs or 1, 1),
+                latent_fraction=float(latent_mask.float().mean()))
 
 
 def bench_sdxl(args) -> dict:
@@ -182,6 +195,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--fraction", type=float, default=0.017, help="edited fraction of the image")
     parser.add_argument("--guidance", type=float, default=1.0, help="guidance scale (above 1: batch 2)")
     parser.add_argument("--policy", default="sige", choices=("sige", "exact"))
+    parser.add_argument("--control-edit", default="region", choices=("region", "stroke"),
+                        help="controlnet: the control image's edit, a filled ellipse or a scribbled stroke")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -201,6 +216,9 @@ def main(argv=None) -> dict:
               f"[{i[1]:.3f}, {i[2]:.3f}] -> {row['speedup']:.2f}x; {row['mac_ratio']:.1f}x fewer MACs, efficiency "
               f"{row['efficiency']:.2f}; PSNR {row['psnr_db']:.1f} dB vs dense; edit {row['edited_fraction']:.2%}",
               flush=True)
+        if "mac_ratio_unet" in row:
+            print(f"{'':>18}MAC ratios: ControlNet {row['mac_ratio_controlnet']:.1f}x, UNet {row['mac_ratio_unet']:.1f}x "
+                  f"(latent mask {row['latent_fraction']:.2%})", flush=True)
     result = {"args": vars(args), "threads": args.threads, "rows": rows}
     write_json(args.json, result)
     return result

@@ -47,7 +47,8 @@ def main() -> None:
     except EditorError:
         model, name = resolve_model(RANDOM_MODEL), RANDOM_MODEL
     start = time.perf_counter()
-    app = create_app(model, height=args.height, width=args.width, policy=args.policy)
+    # report_macs: each stroke's MACs are counted after its timed engine call (for the efficiency)
+    app = create_app(model, height=args.height, width=args.width, policy=args.policy, report_macs=True)
     print(f"model {name}, {args.height}x{args.width}, policy {args.policy}, {torch.get_num_threads()} threads; "
           f"compiled in {time.perf_counter() - start:.1f} s")
     H, W = args.height, args.width
@@ -55,7 +56,7 @@ def main() -> None:
         session = client.post("/api/sessions").json()
         sid = session["session"]
         print(f"dense latency (median of 3 runs of the plain model): {session['dense_ms']:.1f} ms")
-        engine, server, edits = [], [], []
+        engine, server, edits, effs = [], [], [], []
         for i in range(args.strokes):
             y = H * (0.15 + 0.7 * ((i * 0.37) % 1.0))
             x0 = (W - 120) * ((i * 0.61) % 1.0) + 10
@@ -70,12 +71,19 @@ def main() -> None:
             engine.append(st["engine_ms"])
             server.append(out.json()["server_ms"])
             edits.append(st["edit_fraction"])
+            # efficiency: speed-up over MAC ratio (how much of the MAC cut the wall clock keeps)
+            ratio = st["dense_macs"] / st["incremental_macs"] if st.get("incremental_macs") else None
+            eff = st["speedup"] / ratio if ratio and st.get("speedup") else None
+            if eff is not None:
+                effs.append(eff)
             print(f"stroke {i + 1}: {cls:6s} edit {100 * st['edit_fraction']:.2f}%  recomputed "
                   f"{100 * st['recomputed_fraction']:.2f}%  engine {st['engine_ms']:.1f} ms  "
-                  f"(server {out.json()['server_ms']:.1f} ms)  speed-up {st['speedup']:.1f}x")
+                  f"(server {out.json()['server_ms']:.1f} ms)  speed-up {st['speedup']:.1f}x"
+                  + (f"  MAC ratio {ratio:.1f}x  efficiency {eff:.2f}" if eff is not None else ""))
     print(f"per-stroke engine latency: median {statistics.median(engine):.1f} ms, min {min(engine):.1f}, "
           f"max {max(engine):.1f} (dense {session['dense_ms']:.1f} ms; edits {100 * min(edits):.2f}-"
-          f"{100 * max(edits):.2f}%); whole request on the server: median {statistics.median(server):.1f} ms")
+          f"{100 * max(edits):.2f}%); whole request on the server: median {statistics.median(server):.1f} ms"
+          + (f"; efficiency (speed-up / MAC ratio) median {statistics.median(effs):.2f}" if effs else ""))
 
 
 if __name__ == "__main__":

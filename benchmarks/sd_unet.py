@@ -34,7 +34,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script or with -m
 
-from benchmarks.common import (DTYPES, EditCase, benchmark_arguments, parse_fractions, psnr,  # noqa: E402
+from benchmarks.common import (DTYPES, EditCase, benchmark_arguments, parse_fractions, parse_shapes, psnr,  # noqa: E402
                                run_edit_benchmark, write_json)
 from sigec.diffusion import DiffusionEditor, sd_vae  # noqa: E402
 from sigec.frontends.edits import ellipse_mask  # noqa: E402
@@ -122,12 +122,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--cfg", action="store_true", help="classifier-free guidance in the loop (UNet batch 2)")
     parser.add_argument("--cache-dtype", default="fp16", choices=list(DTYPES), help="the loop's cache storage dtype")
     args = parser.parse_args(argv)
-    fractions = parse_fractions(parser, args)
+    fractions, shapes = parse_fractions(parser, args), parse_shapes(parser, args)
     if args.quick:
         args.config, args.repeats, args.loop_steps, args.strength = "sd-tiny", 1, 4, 0.5
     if args.loop_steps < 1 or not 0 < args.strength <= 1 or not 0 < args.loop_fraction <= 1:
         parser.error("--loop-steps must be at least 1, --strength and --loop-fraction in (0, 1]")
-    result = run_edit_benchmark(step_case(args.config), args, fractions)
+    result = run_edit_benchmark(step_case(args.config), args, fractions, shapes)
     result["config"] = args.config
     if not args.no_loop:
         size = 8 * SD_UNET_CONFIGS[args.config]["sample_size"]

@@ -21,7 +21,8 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script or with -m
 
-from benchmarks.common import EditCase, benchmark_arguments, parse_fractions, run_edit_benchmark  # noqa: E402
+from benchmarks.common import (EditCase, benchmark_arguments, parse_fractions, parse_shapes,  # noqa: E402
+                               run_edit_benchmark)
 from sigec.models import gaugan_cityscapes, instance_edges, label_map, spade_generator  # noqa: E402
 
 
@@ -49,10 +50,10 @@ def spade_case(quick: bool) -> EditCase:
 def main(argv: Optional[list[str]] = None) -> dict:
     parser = benchmark_arguments(__doc__.splitlines()[0], "out/spade256x512.json")
     args = parser.parse_args(argv)
-    fractions = parse_fractions(parser, args)
+    fractions, shapes = parse_fractions(parser, args), parse_shapes(parser, args)
     if args.quick:
         fractions, args.repeats = [0.05], 1
-    return run_edit_benchmark(spade_case(args.quick), args, fractions)
+    return run_edit_benchmark(spade_case(args.quick), args, fractions, shapes)
 
 
 if __name__ == "__main__":

@@ -256,19 +256,23 @@ def run_case(name: str, case: dict, args) -> list[dict]:
         g, b = r["peak_growth_bytes"][0], base["peak_growth_bytes"][0]
         r["memory_fraction"] = g / b if g is not None and b else None
         r["time_ratio"] = min(r["time_s"]) / min(base["time_s"])
+        # speed-up over MAC ratio against the untiled run: estimated work / time ratio
+        r["efficiency"] = r["estimated_work"] / r["time_ratio"] if r.get("estimated_work") else None
     return rows
 
 
 def table(name: str, case: dict, rows: list[dict]) -> str:
     px = output_px(case)
     head = (f"{'run':36s} {'peak MiB':>9s} {'of untiled':>10s} {'est MiB':>8s} {'prof MiB':>8s} {'time s':>14s} "
-            f"{'x untiled':>9s} {'PSNR dB':>8s} {'max err':>9s}")
+            f"{'x untiled':>9s} {'effic.':>6s} {'PSNR dB':>8s} {'max err':>9s}")
     lines = [f"{name}: {case['model']} {px}x{px}", head, "-" * len(head)]
     for r in rows:
+        eff = f"{r['efficiency']:.2f}" if r.get("efficiency") else "-"
         frac = f"{r['memory_fraction']:.0%}" if r["memory_fraction"] is not None else "-"
         lines.append(f"{r['name']:36s} {_mib(r['peak_growth_bytes'][0]):>9s} {frac:>10s} "
                      f"{_mib(r.get('estimated_peak_bytes')):>8s} {_mib(r.get('profiler_peak_bytes')):>8s} "
-                     f"{_fmt_time(r['time_s']):>14s} {r['time_ratio']:9.2f} {r['psnr_db']:8.1f} {r['max_abs_err']:9.2e}")
+                     f"{_fmt_time(r['time_s']):>14s} {r['time_ratio']:9.2f} {eff:>6s} {r['psnr_db']:8.1f} {r['max_abs_err']:9.2e}")
+    lines.append("effic. = speed-up / MAC ratio against the untiled run (estimated work / time ratio)")
     return "\n".join(lines)
 
 

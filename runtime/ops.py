@@ -319,6 +319,21 @@ def _(x, num_groups, weight, bias, eps):
 #: Output positions (blocks x pixels per block) up to which ``conv_windows`` runs as one matrix
 #: product: oneDNN reorders the weight on every call, which dominates with few outputs. The
 #: native kernel (csrc/cpu_kernels.cpp, ``kGemmMaxOutputs``) uses the same threshold.
+def dense_conv_input(x: Tensor, weight: Tensor) -> Tensor:
+    """The input of a dense convolution of the incremental graph, in the layout its weight has.
+
+    A channels-last input makes ``aten.convolution`` copy the (contiguous) weight into
+    channels-last on every call: 9.4 MB for a 512-channel 3x3 convolution, which at the low
+    resolutions of a UNet is many times the input (128 KB at 8x8). When the input is the smaller
+    of the two, it is the one made contiguous; otherwise ``x`` is returned as it is. Nothing is
+    kept between calls (no memory cost).
+    """
+    if (x.dim() == 4 and weight.dim() == 4 and weight.is_contiguous() and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last) and x.numel() < weight.numel()):
+        return x.contiguous()
+    return x
+
+
 GEMM_MAX_OUTPUTS = 1024
 
 

@@ -2,8 +2,9 @@
 import json
 
 import pytest
+import torch
 
-from benchmarks import church256, spade256x512
+from benchmarks import church256, common, spade256x512
 
 
 @pytest.mark.parametrize("module", [church256, spade256x512])
@@ -26,6 +27,42 @@ def test_profile_prints_the_ops_of_an_incremental_call(capsys, tmp_path):
     church256.main(["--quick", "--no-timing", "--profile", "--json", str(tmp_path / "r.json")])
     out = capsys.readouterr().out
     assert "profile of one incremental call, 5.0% edit" in out and "sigec::gather" in out
+
+
+def test_brush_edit_times_first_and_repeated_calls(tmp_path):
+    result = church256.main(["--quick", "--shapes", "brush", "--repeats", "1", "--json", str(tmp_path / "r.json")])
+    edit, empty = result["rows"]
+    assert edit["shape"] == "brush" and empty["shape"] == "none"
+    for key in ("dense_s", "first_s", "incremental_s"):
+        median, low, high = edit[key]
+        assert 0 < low <= median <= high
+    assert edit["speedup"] == pytest.approx(edit["dense_s"][0] / edit["incremental_s"][0])
+    assert edit["first_speedup"] == pytest.approx(edit["dense_s"][0] / edit["first_s"][0])
+    assert edit["efficiency"] == pytest.approx(edit["speedup"] / edit["mac_ratio"])
+    assert edit["first_efficiency"] == pytest.approx(edit["first_speedup"] / edit["mac_ratio"])
+
+
+@pytest.mark.parametrize("shape", list(common.SHAPES))
+@pytest.mark.parametrize("fraction", [0.012, 0.05, 0.3])
+def test_edit_shapes_cover_the_requested_area(shape, fraction):
+    mask = common.edit_mask(shape, 256, 256, fraction)
+    assert mask.dtype == torch.bool and mask.shape == (256, 256)
+    assert float(mask.float().mean()) == pytest.approx(fraction, rel=0.05)
+    decoy = common.decoy_mask(mask)
+    assert int(decoy.sum()) == int(mask.sum()) and not torch.equal(decoy, mask)
+
+
+def test_profile_rows_sum_to_the_total():
+    with torch.profiler.profile() as prof:
+        x = torch.randn(64, 64)
+        for _ in range(3):
+            x = torch.mm(x, x).relu()
+    events = prof.key_averages()
+    rows = common.profile_rows(events, rows=2)
+    assert len(rows) == 3 and rows[-1]["op"].startswith("rest")
+    assert rows[0]["ms"] >= rows[1]["ms"]
+    assert sum(r["share"] for r in rows) == pytest.approx(1.0)
+    assert sum(r["calls"] for r in rows) == sum(e.count for e in events)
 
 
 def test_diffusers_pipelines_quick_rows_are_consistent(tmp_path):

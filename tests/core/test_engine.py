@@ -280,3 +280,31 @@ def test_a_commit_by_one_plan_keeps_the_others_from_reading_stale_caches():
     engine(x)
     torch.testing.assert_close(engine(_edit(x, 14, 14, 2)), model(_edit(x, 14, 14, 2)), rtol=1e-4, atol=1e-5)
     assert engine.incremental is small_plan.incremental  # a new recording makes every plan usable
+
+
+def test_a_repeated_mask_reuses_its_blocks_and_a_changed_mask_does_not(setup):
+    model, x, t = setup
+    engine = sigec.compile(model, (x, t), policy="exact", block_size=4)
+    engine(x, t)
+    mask = torch.zeros(16, 16, dtype=torch.bool)
+    mask[4:7, 5:8] = True
+    x2 = _edit(x)
+    out1 = engine(x2, t, mask=mask.clone())["sample"]
+    blocks1 = engine.last_stats["blocks"]
+    out2 = engine(x2, t, mask=mask.clone())["sample"]  # equal content, another tensor
+    assert engine.last_stats["blocks"] is blocks1 and torch.equal(out1, out2)
+    # the caller's mask changes in place: the stats follow its new content, not the memo
+    moved = mask.clone()
+    engine(x2, t, mask=moved)
+    moved.zero_()
+    moved[10:13, 10:13] = True
+    x3 = _edit(x, 10, 10)
+    out3 = engine(x3, t, mask=moved)["sample"]
+    fresh = engine.mask_stats(moved, every_node=True)["blocks"]
+    assert all(torch.equal(engine.last_stats["blocks"][k], fresh[k]) for k in fresh)
+    torch.testing.assert_close(out3, model(x3, t)["sample"], rtol=1e-4, atol=1e-5)
+    # and back to the first mask: the memo was replaced, the result is still right
+    mask_again = mask.clone()
+    engine(x2, t, mask=mask_again)
+    mask_again.zero_()  # mutating it after the call cannot reach the engine's memo
+    torch.testing.assert_close(engine(x2, t, mask=mask.clone())["sample"], model(x2, t)["sample"], rtol=1e-4, atol=1e-5)

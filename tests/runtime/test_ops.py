@@ -167,3 +167,46 @@ def test_opcheck(i):
 def test_every_op_is_opchecked():
     checked = {op for op, _ in _opcheck_samples()}
     assert checked == set(ops.ALL_OPS.values())
+
+
+def test_dense_conv_input_takes_the_weights_layout_when_the_input_is_smaller():
+    from sigec.runtime.ops import dense_conv_input
+
+    weight = torch.randn(64, 32, 3, 3)
+    small = torch.randn(1, 32, 4, 4).to(memory_format=torch.channels_last)
+    big = torch.randn(1, 32, 64, 64).to(memory_format=torch.channels_last)
+    nchw = torch.randn(1, 32, 4, 4)
+    out = dense_conv_input(small, weight)
+    assert out.is_contiguous() and torch.equal(out, small)
+    assert dense_conv_input(big, weight) is big  # copying the weight is cheaper than the input
+    assert dense_conv_input(nchw, weight) is nchw
+    torch.testing.assert_close(F.conv2d(out, weight, padding=1), F.conv2d(small, weight, padding=1))
+
+
+def test_dense_convolutions_of_the_incremental_graph_adapt_their_input_layout():
+    import sigec as sigec_api
+    from sigec.runtime.ops import dense_conv_input
+
+    class LowRes(torch.nn.Module):
+        """A token-like (channels-last) value into a dense convolution, as after UNet attention."""
+
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Conv2d(3, 64, 3, padding=1)
+            self.b = torch.nn.Conv2d(64, 64, 3, padding=1)
+
+        def forward(self, x):
+            h = self.a(x).permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # channels-last strides
+            return self.b(F.avg_pool2d(h, 8))
+
+    torch.manual_seed(0)
+    model, x = LowRes().eval(), torch.randn(1, 3, 32, 32)
+    engine = sigec_api.compile(model, (x,), policy="exact", block_size=4)
+    engine(x)
+    x2 = x.clone()
+    x2[..., 3:6, 3:6] += 1
+    with torch.no_grad():
+        torch.testing.assert_close(engine(x2), model(x2), rtol=1e-4, atol=1e-5)
+    targets = [n.target for plan in engine.plans for n in plan.incremental.graph.nodes]
+    dense_convs = [t for t in targets if t in (torch.ops.aten.conv2d.default, torch.ops.aten.convolution.default)]
+    assert dense_convs and targets.count(dense_conv_input) == len(dense_convs)

@@ -36,9 +36,13 @@ from sigec.ir import meta_keys as K
 from sigec.passes.op_table import OpKind, norm_args
 from sigec.ir.plan import NCHW, NHWC, DecisionKind, is_image, needs_select
 from sigec.runtime import masks as M
+from sigec.runtime import ops as sigec_runtime_ops
 
 aten = torch.ops.aten
 sigec_ops = torch.ops.sigec
+
+#: dense convolutions whose input layout codegen adapts to the weight (``dense_conv_input``)
+DENSE_CONVOLUTIONS = (aten.conv2d.default, aten.convolution.default)
 
 #: cache entry kinds: a recorded value, or the frozen affine of a NORM node.
 VALUE, NORM_SCALE, NORM_SHIFT = "value", "norm_scale", "norm_shift"
@@ -276,6 +280,11 @@ class _Emitter:
                             (self.full_of(norm_args(node)[0]), scale, shift, "none", 0.0), origin=node)
         elif rule.kind is OpKind.PROJECTION:
             new = self.call(operator.getitem, (self.reps[node.args[0]].node, node.args[1]), origin=node)
+        elif node.target in DENSE_CONVOLUTIONS and len(node.args) >= 2:
+            # a channels-last input would make the convolution copy its weight on every call
+            x, weight, *rest = self.new(node.args)
+            x = self.call(sigec_runtime_ops.dense_conv_input, (x, weight), origin=node)
+            new = self.call(node.target, (x, weight, *rest), self.new(node.kwargs), node)
         else:
             new = self.call(node.target, self.new(node.args), self.new(node.kwargs), node)
         self.reps[node] = _Rep(new, "full")
