@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("transformers")  # diffusers' pipelines import it
 
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler  # noqa: E402
+from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler  # noqa: E402
 
 from sigec.diffusion import DiffusionEditor  # noqa: E402
 from sigec.diffusion.pipelines import IncrementalPipeline, PipelineChangedError, incremental  # noqa: E402
