@@ -133,9 +133,8 @@ def _priced_ops(plan: "Plan") -> list:
             continue
         key = (node.meta[K.MASK], window.block)
         if key in positions:
-            res = node.meta[K.SPATIAL].resolution
-            cells = math.ceil(res[0] / window.block[0]) * math.ceil(res[1] / window.block[1])
-            priced.append((node, positions[key], cells))
+            grid = M.grid_shape(node.meta[K.SPATIAL].resolution, window.block)
+            priced.append((node, positions[key], grid[0] * grid[1]))
     return priced
 
 

@@ -48,6 +48,7 @@ from torch.utils import _pytree as pytree
 
 import sigec
 from sigec.core.engine import EngineError
+from sigec.diffusion.images import mask_tensor
 
 log = logging.getLogger("sigec")
 
@@ -276,18 +277,11 @@ def _difference_mask(recorded: dict, current: dict) -> torch.Tensor:
 
 
 def _explicit_mask(mask: Any, recorded: dict) -> torch.Tensor:
-    """``mask=`` as a boolean tensor, checked against the size of the editable images."""
-    if hasattr(mask, "convert") and hasattr(mask, "size"):  # PIL, white = edited
-        import numpy as np
-        mask = torch.from_numpy(np.asarray(mask.convert("L")) > 127)
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 2:
-        raise TypeError(f"mask= must be an (H, W) bool tensor or a PIL image (white = edited), got "
-                        f"{getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}")
-    sizes = {tuple(t.shape[-2:]) for t in recorded.values()}
-    if sizes and tuple(mask.shape) not in sizes:
-        raise ValueError(f"mask= is {tuple(mask.shape)} but the editable images are {sorted(sizes)}; paint the mask "
-                         "at the image's size")
-    return mask.cpu()
+    """``mask=`` as a boolean tensor at the size of the (largest) editable image."""
+    if not recorded:
+        raise ValueError(f"mask= marks an edit of the images ({', '.join(EDITABLE)}), but the recording had none")
+    size = max((tuple(t.shape[-2:]) for t in recorded.values()), key=lambda r: r[0] * r[1])
+    return mask_tensor(mask, size).cpu()
 
 
 # -- the pipeline --------------------------------------------------------------------------------
@@ -338,12 +332,14 @@ class IncrementalPipeline:
     def _components(self) -> dict[str, torch.nn.Module]:
         return {name: m for name, m in getattr(self.pipe, "components", {}).items() if isinstance(m, torch.nn.Module)}
 
+    def _weights(self) -> dict:
+        return {name: _weights_state(m) for name, m in self._components().items()}
+
     def _state(self, arguments: dict) -> dict:
         settings = {name: _digest(v) for name, v in arguments.items() if name not in EDITABLE and name not in IGNORED}
         scheduler = self.pipe.scheduler
         settings["scheduler"] = _digest([type(scheduler).__name__, dict(scheduler.config)])
-        weights = {name: _weights_state(m) for name, m in self._components().items()}
-        return {"settings": settings, "weights": weights}
+        return {"settings": settings, "weights": self._weights()}
 
     @staticmethod
     def _changes(old: dict, new: dict) -> list[str]:
@@ -405,7 +401,7 @@ class IncrementalPipeline:
         self._recorded = None
         out = self._run(args, kwargs, recording=True, mask=None)
         # the weights as they are after the call (a pipeline may move or cast its models while running)
-        self._recorded = {"state": {**state, "weights": self._state({})["weights"]}, "editable": editable}
+        self._recorded = {"state": {**state, "weights": self._weights()}, "editable": editable}
         return out
 
     def mask_at(self, res: tuple[int, int]) -> torch.Tensor:
