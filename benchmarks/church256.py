@@ -10,14 +10,10 @@ wall-clock times. The input is N(0, 1); the edit adds N(0, 0.3^2) noise inside t
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Optional
 
-# Busy-waiting OpenMP threads make 2-thread timings on a shared machine jump by an order of
-# magnitude; must be set before torch loads its OpenMP runtime. An explicit setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 

@@ -352,8 +352,8 @@ def run_edit_benchmark(case: EditCase, args: argparse.Namespace, fractions: list
     compile_s = time.perf_counter() - start
     h, w = engine.context.input_resolution
     where = f"{device} {args.dtype}" + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else "")
-    print(f"{case.name} ({h}x{w}), policy {args.policy}, {where}, runner {runner}, {args.threads} thread(s): "
-          f"compile {compile_s:.2f} s", flush=True)
+    print(f"{case.name} ({h}x{w}), policy {args.policy}, {where}, runner {runner}, {args.threads} thread(s), "
+          f"OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'default')}: compile {compile_s:.2f} s", flush=True)
     start = time.perf_counter()
     with torch.no_grad():
         engine(*inputs)  # the recording run every edit below is compared against
@@ -376,7 +376,7 @@ def run_edit_benchmark(case: EditCase, args: argparse.Namespace, fractions: list
               "device": device, "device_name": torch.cuda.get_device_name() if device == "cuda" else None,
               "dtype": args.dtype, "runner": runner,
               "repeats": None if args.no_timing else args.repeats, "torch": torch.__version__,
-              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "compile_s": compile_s,
+              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"), "compile_s": compile_s,
               "record_s": record_s, "kernel_costs": dataclasses.asdict(costs), "rows": rows,
               "profiles": profiles}
     path = write_json(args.json, result)

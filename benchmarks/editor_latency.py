@@ -13,13 +13,11 @@ request's server time.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see church256.py
 
 import torch  # noqa: E402
 

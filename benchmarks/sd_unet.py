@@ -20,15 +20,11 @@ how fast and how close to dense the engine is, not how good a picture looks.
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Optional
 
-# Busy-waiting OpenMP threads make 2-thread timings on a shared machine jump by an order of
-# magnitude; must be set before torch loads its OpenMP runtime. An explicit setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 

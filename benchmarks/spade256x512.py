@@ -9,12 +9,10 @@ about 281 G MACs dense, seeded random weights. The edit changes a label region t
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Optional
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see church256.py
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

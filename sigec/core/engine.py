@@ -51,10 +51,6 @@ def _read_blocks(t: torch.Tensor, indices: torch.Tensor, block: list) -> torch.T
     return torch.ops.sigec.gather(t, indices, block, block, [0, 0], "constant", 0.0, None, None, "none", 0.0)
 
 
-def _block_keys(indices: torch.Tensor) -> torch.Tensor:
-    return indices[:, 0] * (1 << 32) + indices[:, 1]
-
-
 def _put_back(slot: Slot, entry: tuple) -> None:
     """Write the saved baselines of one ``slot.dirty`` entry back into its cache."""
     pos, indices, block, nhwc, saved = entry
@@ -65,11 +61,13 @@ def _rebase_working_buffers(slot: Slot, writes: list) -> list:
     """Prepare the slot's in-place caches for a run that writes ``writes`` = ``[(cache position,
     block indices, block, nhwc)]``; return the new ``slot.dirty``.
 
-    Each cache must hold its baseline everywhere the run does not write. Blocks the previous
-    uncommitted edit dirtied are restored only where this run does not overwrite them, and the
-    baseline of a block is read only when the block is dirtied for the first time: repeating or
-    refining an edit over the same blocks moves no data here. (A plan writes each cache at most
-    once, so positions are unique in both lists.)
+    Each cache must hold its baseline everywhere the run does not write. Repeating or refining
+    an edit over the same blocks moves no data here. Otherwise the blocks the previous
+    uncommitted edit dirtied are written back whole and the baselines of this run's blocks are
+    read afresh: two native calls per cache. (Restoring only the blocks this run does not cover
+    and carrying the others' saved baselines over took about 25 small tensor ops per cache, more
+    time than the data they spared.) A plan writes each cache at most once, so positions are
+    unique in both lists.
     """
     previous = {entry[0]: entry for entry in slot.dirty or []}
     dirty = []
@@ -77,45 +75,22 @@ def _rebase_working_buffers(slot: Slot, writes: list) -> list:
     # torch.equal waits for the device, and a UNet has about a hundred caches)
     equal: dict = {}
     for pos, indices, block, nhwc in writes:
-        base = _nchw(slot.caches[pos], nhwc)
         old = previous.pop(pos, None)
-        if old is not None and (old[2], old[3]) != (block, nhwc):  # another grid: start afresh
-            _put_back(slot, old)
-            old = None
-        if old is None:
-            saved = _read_blocks(base, indices, block)
-        else:
-            _, old_indices, _, _, old_saved = old
+        if old is not None and (old[2], old[3]) == (block, nhwc):
+            old_indices = old[1]
             pair = (id(old_indices), id(indices))
             if pair not in equal:
                 equal[pair] = old_indices is indices or (old_indices.shape == indices.shape
                                                          and torch.equal(old_indices, indices))
-            same = equal[pair]
-            saved = old_saved if same else _rebase_blocks(base, old_indices, old_saved, indices, block)
-        dirty.append((pos, indices, block, nhwc, saved))
+            if equal[pair]:
+                dirty.append((pos, indices, block, nhwc, old[4]))
+                continue
+        if old is not None:
+            _put_back(slot, old)
+        dirty.append((pos, indices, block, nhwc, _read_blocks(_nchw(slot.caches[pos], nhwc), indices, block)))
     for entry in previous.values():  # caches this run does not write
         _put_back(slot, entry)
     return dirty
-
-
-def _rebase_blocks(base: torch.Tensor, old_indices: torch.Tensor, old_saved: torch.Tensor,
-                   indices: torch.Tensor, block: list) -> torch.Tensor:
-    """Restore the blocks of ``old_indices`` that ``indices`` does not cover, and return the
-    baselines of ``indices``: kept from ``old_saved`` where known, read from ``base`` elsewhere.
-    Saved blocks are block-major: rows ``b * N`` to ``b * N + N - 1`` hold block b of N samples."""
-    n = base.shape[0]
-    old_keys, keys = _block_keys(old_indices), _block_keys(indices)
-    stale = ~torch.isin(old_keys, keys)  # dirtied before, not overwritten now
-    if bool(stale.any()):
-        torch.ops.sigec.scatter_(base, old_saved[stale.repeat_interleave(n)], old_indices[stale], block)
-    order = torch.argsort(old_keys)
-    at = torch.searchsorted(old_keys[order], keys).clamp(max=max(len(old_keys) - 1, 0))
-    known = old_keys[order][at] == keys if len(old_keys) else torch.zeros_like(keys, dtype=torch.bool)
-    known_rows = known.repeat_interleave(n)
-    saved = old_saved.new_empty((indices.shape[0] * n, *old_saved.shape[1:]))
-    saved[known_rows] = old_saved[(order[at[known]][:, None] * n + torch.arange(n, device=order.device)).reshape(-1)]
-    saved[~known_rows] = _read_blocks(base, indices[~known], block)
-    return saved
 
 
 def _priced_ops(plan: "Plan") -> list:

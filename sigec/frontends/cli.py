@@ -10,14 +10,10 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import sys
 import traceback
 from typing import Optional, Sequence
 
-# Timings on a shared machine: busy-waiting OpenMP threads turn contention into 10-50x slowdowns
-# of small kernels. Must be set before torch loads its OpenMP runtime; a user's value wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import sigec  # noqa: E402
 

@@ -95,6 +95,37 @@ def test_affine_act_matches_reference(activation, dtype, layout):
     assert got.stride() == want.stride()
 
 
+@pytest.mark.parametrize("activation,dtype", itertools.product(["none", "silu", "gelu"], [torch.bfloat16, torch.float16]))
+def test_narrow_dtype_prologue_over_runs_longer_than_its_float_buffer(activation, dtype):
+    # bf16 and fp16 planes are transformed through a float buffer of 512 values: planes of
+    # 33x33 = 1089 values cross two buffer boundaries, with a NaN and large values on the way
+    x = torch.randn(4, 3, 33, 33) * 4
+    x[1, 2, 20, 7], x[2, 0, 16, 0], x[3, 1, 0, 3] = float("nan"), 3e4, -3e4
+    x = x.to(dtype)
+    scale, shift = torch.rand(2, 3) + 0.5, torch.randn(2, 3)
+    got = sigec.affine_act(x, scale, shift, activation, 0.0)
+    _assert_same(got, REFERENCE_KERNELS["affine_act"](x, scale, shift, activation, 0.0), dtype)
+    full = x[:2].contiguous()
+    args = (torch.tensor([[0, 0]]), [33, 33], [33, 33], [0, 0], "constant", 0.0, scale, shift, activation, 0.0)
+    _assert_same(sigec.gather(full, *args), REFERENCE_KERNELS["gather"](full, *args), dtype)
+
+
+def test_bf16_prologue_rounds_as_torch_does():
+    # with no activation and an exact affine (scale 1, shift 0) the float buffer must round back
+    # to the very bf16 values it read, NaN included
+    x = (torch.randn(2, 4, 40, 40) * 1e3).to(torch.bfloat16)
+    x[0, 0, 0, :3] = torch.tensor([float("nan"), float("inf"), 1e-30])  # -0.0 + 0.0 is +0.0
+    got = sigec.affine_act(x, torch.ones(1, 4), torch.zeros(1, 4), "none", 0.0)
+    assert torch.equal(got.view(torch.int16)[~x.isnan()], x.view(torch.int16)[~x.isnan()])
+    assert got.isnan().sum() == 1
+    # and a scaled value rounds to nearest even, as Tensor.to(torch.bfloat16)
+    y = torch.randn(1, 2, 30, 30).to(torch.bfloat16)
+    scale, shift = torch.full((1, 2), 1.37), torch.full((1, 2), 0.011)
+    expected = (y.float() * 1.37 + 0.011).to(torch.bfloat16)
+    assert (sigec.affine_act(y, scale, shift, "none", 0.0).float() - expected.float()).abs().max() <= \
+        expected.float().abs().max() * 2 ** -8
+
+
 @pytest.mark.parametrize("dtype,layout", itertools.product(DTYPES, LAYOUTS))
 @pytest.mark.parametrize("kernel,stride", [((3, 3), (1, 1)), ((1, 1), (1, 1)), ((3, 2), (2, 1)), ((4, 4), (2, 2))])
 def test_im2col_matches_reference(dtype, layout, kernel, stride):
