@@ -143,7 +143,24 @@ def test_conv_windows_matches_reference(blocks, kernel, stride, dilation, groups
     args = (windows, weight, torch.randn(6) if bias else None, [stride] * 2, [dilation] * 2, groups)
     got = sigec.conv_windows(*args)
     assert got.is_contiguous()
-    _assert_same(got, REFERENCE_KERNELS["conv_windows"](*args), torch.float32)
+    # float32 sums in another order (the few-rows kernel): a few ulps of the result
+    torch.testing.assert_close(got, REFERENCE_KERNELS["conv_windows"](*args), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("blocks,channels,out_channels", [(1, 3, 1), (5, 37, 6), (28, 16, 130), (96, 8, 5), (97, 8, 5),
+                                                      (11, 64, 67)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv_windows_few_rows_product_matches_float64(blocks, channels, out_channels, bias):
+    # up to 96 output rows in float32 take the few-rows kernel: tiles of 4 x 4 with partial tiles,
+    # depths (channels x 9) with and without a tail past a multiple of 16, and past its 2048 chunk
+    windows, weight = torch.randn(blocks, channels, 3, 3), torch.randn(out_channels, channels, 3, 3)
+    b = torch.randn(out_channels) if bias else None
+    got = sigec.conv_windows(windows, weight, b, [1, 1], [1, 1], 1)
+    expected = torch.nn.functional.conv2d(windows.double(), weight.double(), None if b is None else b.double())
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)
+    # a weight in another layout takes the library product, with the same result
+    channels_last = sigec.conv_windows(windows, weight.contiguous(memory_format=torch.channels_last), b, [1, 1], [1, 1], 1)
+    torch.testing.assert_close(channels_last, got, rtol=1e-5, atol=1e-4)
 
 
 def test_im2col_refuses_windows_smaller_than_the_kernel():
@@ -217,4 +234,5 @@ def test_large_outputs_reuse_freed_memory_and_stay_correct():
     windows = torch.randn(16, 256, 4, 4)
     weight, bias = torch.randn(128, 256, 3, 3), torch.randn(128)
     conv = sigec.conv_windows(windows, weight, bias, [1, 1], [1, 1], 1)
-    torch.testing.assert_close(conv, REFERENCE_KERNELS["conv_windows"](windows, weight, bias, [1, 1], [1, 1], 1))
+    torch.testing.assert_close(conv, REFERENCE_KERNELS["conv_windows"](windows, weight, bias, [1, 1], [1, 1], 1),
+                               rtol=1e-4, atol=1e-4)  # sums of 2304 products, in another order
