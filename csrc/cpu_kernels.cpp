@@ -652,7 +652,7 @@ Tensor im2col(const Tensor& windows_in, at::IntArrayRef kernel, at::IntArrayRef 
 
 // The sparse convolutions of low resolutions multiply a few dozen window rows by a weight of up
 // to 59 MB (a 1280-channel 3x3 convolution). There the library GEMM packs the weight on every
-// call and ran at about 6 GB/s of weight, a third of what two cores stream from memory. This
+// call and ran at about 6 GB/s of weight, a fifth of what two cores stream from memory. This
 // kernel reads each weight row once per call, in the layout it is stored in (C_out, C_in * kh * kw):
 // a 4x4 tile of outputs accumulates 16 vector dot products along k, over chunks of k that keep
 // the rows of `a` in cache, and threads split the output channels.
