@@ -121,7 +121,20 @@ def benchmark_arguments(description: str, default_json: str) -> argparse.Argumen
                    help=f"comma-separated edit shapes, each measured at every fraction ({', '.join(SHAPES)})")
     p.add_argument("--profile", action="store_true",
                    help="print where one incremental call of each edit spends its time (torch.profiler, by op)")
+    p.add_argument("--block-size", type=block_sizes, default=None, metavar="RES:EDGE,...",
+                   help="sigec.compile block_size per resolution, e.g. 64:2,32:1 (others keep the default rule)")
     return p
+
+
+def block_sizes(text: str) -> dict[int, int]:
+    """``"64:2,32:1"`` => ``{64: 2, 32: 1}``: block edges by resolution (height), for ``--block-size``."""
+    try:
+        sizes = {int(res): int(edge) for res, edge in (item.split(":") for item in text.split(",") if item.strip())}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected RESOLUTION:EDGE pairs like 64:2,32:1, got {text!r}") from None
+    if not sizes or min(sizes.values()) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive block edges like 64:2,32:1, got {text!r}")
+    return sizes
 
 
 def parse_shapes(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
@@ -348,7 +361,7 @@ def run_edit_benchmark(case: EditCase, args: argparse.Namespace, fractions: list
     case.model.to(device=device, dtype=dtype)
     inputs = _to_device(case.inputs, device, dtype)
     start = time.perf_counter()
-    engine = sigec.compile(case.model, inputs, policy=args.policy)
+    engine = sigec.compile(case.model, inputs, policy=args.policy, block_size=getattr(args, "block_size", None))
     compile_s = time.perf_counter() - start
     h, w = engine.context.input_resolution
     where = f"{device} {args.dtype}" + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else "")
@@ -376,7 +389,8 @@ def run_edit_benchmark(case: EditCase, args: argparse.Namespace, fractions: list
               "device": device, "device_name": torch.cuda.get_device_name() if device == "cuda" else None,
               "dtype": args.dtype, "runner": runner,
               "repeats": None if args.no_timing else args.repeats, "torch": torch.__version__,
-              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"), "compile_s": compile_s,
+              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+              "block_size": getattr(args, "block_size", None), "compile_s": compile_s,
               "record_s": record_s, "kernel_costs": dataclasses.asdict(costs), "rows": rows,
               "profiles": profiles}
     path = write_json(args.json, result)

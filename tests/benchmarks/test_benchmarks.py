@@ -79,3 +79,15 @@ def test_diffusers_pipelines_quick_rows_are_consistent(tmp_path):
         assert row["psnr_db"] > 20 and 0 < row["edited_fraction"] < 0.05
     assert rows["img2img"]["steps"] == 4  # int(5 * 0.8) UNet calls of the edit (--quick: 5 steps)
     assert json.loads(out.read_text())["rows"][0]["case"] == "sdxl unet step"
+
+
+def test_block_size_option_reaches_the_engine_and_finer_blocks_compute_fewer_macs(tmp_path):
+    # church-small is 64x64: its 64x64 layers take 4-pixel blocks by default
+    default = church256.main(["--quick", "--no-timing", "--json", str(tmp_path / "a.json")])
+    finer = church256.main(["--quick", "--no-timing", "--block-size", "64:2,32:1", "--json", str(tmp_path / "b.json")])
+    assert default["block_size"] is None and finer["block_size"] == {64: 2, 32: 1}
+    assert finer["rows"][0]["incremental_macs"] < default["rows"][0]["incremental_macs"]
+    assert common.block_sizes("64:2, 32:1") == {64: 2, 32: 1}
+    for bad in ("64", "64:0", "a:b", ""):
+        with pytest.raises(Exception, match="RESOLUTION:EDGE|positive"):
+            common.block_sizes(bad)
