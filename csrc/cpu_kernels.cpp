@@ -349,8 +349,9 @@ void gather_kernel(const Tensor& x, const int64_t* idx, int64_t nb, const Window
         }
       }
       if (!transform) continue;
-      // constant padding keeps its value: only in-image rows and columns [j0, j1) are transformed
-      const bool padded = pad == Pad::kConstant && block_padded[b];
+      // constant padding (the only padding that leaves -1 sources) keeps its value: only in-image
+      // rows and columns [j0, j1) are transformed
+      const bool padded = block_padded[b];
       const int64_t j0 = padded ? std::clamp<int64_t>(-col0, 0, win.ww) : 0;
       const int64_t j1 = padded ? std::clamp<int64_t>(w - col0, j0, win.ww) : win.ww;
       for (int64_t ch = ch0; ch < ch1; ++ch) {

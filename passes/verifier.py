@@ -11,6 +11,7 @@ from torch.fx import GraphModule
 from sigec.ir import meta_keys as K
 from sigec.passes.op_table import OpKind
 from sigec.ir.plan import DecisionKind, SpatialKind
+from sigec.runtime.ops import dense_conv_input
 
 _ORDER = ["classify_spatial", "propagate_masks", "analyze_halo", "partition", "fold_norm_activation"]
 
@@ -68,8 +69,6 @@ def verify_incremental(gm: GraphModule) -> None:
     """The incremental graph calls only ATen, ``sigec::`` ops, getitem and the layout helper
     ``dense_conv_input`` (it returns its input or a contiguous copy, which no custom op may
     do), and lints."""
-    from sigec.runtime.ops import dense_conv_input
-
     gm.graph.lint()
     for node in gm.graph.nodes:
         if node.op == "call_function":
