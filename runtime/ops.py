@@ -210,43 +210,6 @@ def _(base, blocks, indices, block, gather_indices, window, stride, offset, pad_
     return base.new_empty((nb * base.shape[0], base.shape[1], window[0], window[1]))
 
 
-def _working_copy(base: Tensor, blocks: Tensor) -> Tensor:
-    return base.to(dtype=blocks.dtype, memory_format=torch.contiguous_format, copy=True)
-
-
-@torch.library.custom_op("sigec::scatter", mutates_args=())
-def scatter(blocks: Tensor, base: Tensor, indices: Tensor, block: list[int]) -> Tensor:
-    """``base`` with the active blocks replaced by ``blocks``: a new contiguous tensor in the
-    dtype of ``blocks``. Used where the cache is stored narrower than the model computes (the
-    copy widens it); otherwise the in-place ``scatter_`` is used."""
-    out = _working_copy(base, blocks)
-    _write_blocks(out, blocks, indices, block)
-    return out
-
-
-@scatter.register_fake
-def _(blocks, base, indices, block):
-    return base.new_empty(base.shape, dtype=blocks.dtype)
-
-
-@torch.library.custom_op("sigec::scatter_gather", mutates_args=())
-def scatter_gather(blocks: Tensor, base: Tensor, indices: Tensor, block: list[int],
-                   gather_indices: Tensor, window: list[int], stride: list[int], offset: list[int],
-                   pad_mode: str, pad_value: float) -> tuple[Tensor, Tensor]:
-    """``scatter`` followed by a ``gather`` of the result: returns ``(full, windows)``."""
-    full = scatter(blocks, base, indices, block)
-    windows = gather(full, gather_indices, window, stride, offset, pad_mode, pad_value,
-                     None, None, "none", 0.0)
-    return full, windows
-
-
-@scatter_gather.register_fake
-def _(blocks, base, indices, block, gather_indices, window, stride, offset, pad_mode, pad_value):
-    nb = gather_indices.shape[0]
-    return (base.new_empty(base.shape, dtype=blocks.dtype),
-            base.new_empty((nb * base.shape[0], base.shape[1], window[0], window[1])))
-
-
 # ---------------------------------------------------------------------------------------------
 # block-local helpers
 
@@ -414,8 +377,6 @@ REFERENCE_KERNELS = {
 ALL_OPS = {
     "gather": torch.ops.sigec.gather.default,
     "gather_cat": torch.ops.sigec.gather_cat.default,
-    "scatter": torch.ops.sigec.scatter.default,
-    "scatter_gather": torch.ops.sigec.scatter_gather.default,
     "scatter_": torch.ops.sigec.scatter_.default,
     "scatter_gather_": torch.ops.sigec.scatter_gather_.default,
     "residual_add": torch.ops.sigec.residual_add.default,

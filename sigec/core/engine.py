@@ -181,10 +181,10 @@ class Engine(torch.nn.Module):
         self.last_stats: Optional[dict] = None
         self.on_stale = on_stale
         self.cache_dtype = cache_dtype
-        # cached activations that may be stored in cache_dtype (values of edited nodes only: slot
+        # the cached activations the plans read in cache_dtype (values of edited nodes only: slot
         # constants and normalization affines are small and used as they are)
-        updated = {name for plan in plans for name in plan.signature.updated}
-        self._narrowable = {i for i, (name, kind) in enumerate(cache_keys) if kind == VALUE and name in updated}
+        stored = {key for plan in plans for key in plan.signature.stored}
+        self._narrowable = {i for i, key in enumerate(cache_keys) if key in stored}
         # per plan, the caches its incremental graph overwrites in place: (slot cache position,
         # block-index position, block size, NHWC); the overwritten blocks are saved before a run
         # and restored before the next

@@ -62,8 +62,7 @@ _NO_KERNEL = {"aten::empty", "aten::empty_like", "aten::empty_strided", "aten::n
 _KIND_BY_NAME = {
     **dict.fromkeys(["sigec::gather", "sigec::gather_cat", "sigec::token_gather", "sigec::residual_add",
                      "sigec::tile_blocks"], "gather"),
-    **dict.fromkeys(["sigec::scatter_", "sigec::scatter", "sigec::scatter_gather_", "sigec::scatter_gather",
-                     "sigec::token_scatter_"], "scatter"),
+    **dict.fromkeys(["sigec::scatter_", "sigec::scatter_gather_", "sigec::token_scatter_"], "scatter"),
     **dict.fromkeys(["aten::conv2d", "aten::convolution", "aten::_convolution", "aten::conv_transpose2d",
                      "aten::cudnn_convolution", "sigec::conv_windows", "sigec::im2col"], "conv"),
     **dict.fromkeys(["aten::linear", "aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::baddbmm",

@@ -15,12 +15,13 @@ from sigec.ir.settings import CompileSettings
 from sigec.passes import ANALYSIS_PASSES, INCREMENTAL_PASSES, PassContext, run_passes
 from sigec.runtime.cache import SlotStore
 
-def plan_for(captured: torch.fx.GraphModule, settings: CompileSettings, inplace: bool = True) -> Plan:
+def plan_for(captured: torch.fx.GraphModule, settings: CompileSettings,
+             cache_dtype: Optional[torch.dtype] = None) -> Plan:
     """Analyse a copy of the captured graph for one planned edit area and emit its incremental graph."""
     gm = copy_graph_module(captured)
     ctx = PassContext(settings)
     gm = run_passes(gm, ctx, ANALYSIS_PASSES)
-    incremental, signature = emit_incremental(gm, ctx.batch, inplace=inplace)
+    incremental, signature = emit_incremental(gm, ctx.batch, cache_dtype=cache_dtype)
     ctx.dense_graph = gm
     incremental = run_passes(incremental, ctx, INCREMENTAL_PASSES)
     return Plan(settings.expected_active_fraction, gm, ctx, incremental, signature)
@@ -30,10 +31,7 @@ def build_engine(captured: Captured, settings: CompileSettings, *, cache_budget_
                  on_cache_full: str = "evict", on_stale: str = "rerecord", cache_dtype: Optional[torch.dtype] = None,
                  source: Optional[torch.nn.Module] = None) -> Engine:
     """The engine of a captured graph: a plan per planned edit area, the recording graph, the slot store."""
-    # scatters write into the cached tensors in place unless the cache is stored narrower
-    model_dtypes = {p.dtype for p in captured.gm.parameters() if p.is_floating_point()}
-    inplace = cache_dtype is None or model_dtypes == {cache_dtype}
-    plans = [plan_for(captured.gm, settings.for_plan(f), inplace) for f in settings.planned_fractions]
+    plans = [plan_for(captured.gm, settings.for_plan(f), cache_dtype) for f in settings.planned_fractions]
     cache_keys = list(dict.fromkeys(key for plan in plans for key in plan.signature.caches))
     recording = emit_recording(plans[0].graph_module, cache_keys)
     store = SlotStore(cache_budget_bytes, on_cache_full)

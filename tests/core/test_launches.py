@@ -149,7 +149,7 @@ def test_fusion_passes_never_add_launches(model):
     engine, _ = _engine(model(), fractions=(0.05, 0.3))
     fewer_nodes = []
     for plan in engine.plans:
-        unfused, signature = emit_incremental(plan.graph_module, plan.context.batch, inplace=True)
+        unfused, signature = emit_incremental(plan.graph_module, plan.context.batch)
         before = count_launches(types.SimpleNamespace(incremental=unfused, signature=signature,
                                                       graph_module=plan.graph_module, planned_fraction=1.0))
         after = count_launches(plan)

@@ -222,6 +222,29 @@ def test_cache_in_a_narrower_storage_dtype(policy):
     assert all(c.dtype in (torch.bfloat16, torch.float32) for c in narrow.store.get(narrow.store.keys()[0]).caches)
 
 
+@pytest.mark.parametrize("stored", [torch.float16, torch.bfloat16])
+def test_a_narrower_cache_is_written_in_place(stored):
+    """Caches in ``cache_dtype`` are working buffers: edits write their blocks into them (no widened
+    copy is returned), successive edits each match the fp32-cache engine, and the unedited input
+    still returns the recording bit for bit."""
+    model = _model()
+    x = torch.randn(1, 3, 16, 16)
+    wide = sigec.compile(model, (x,), policy="exact", block_size=4)
+    narrow = sigec.compile(model, (x,), policy="exact", block_size=4, cache_dtype=stored)
+    recorded, _ = narrow(x), wide(x)
+    sig = narrow.signature
+    written = {sig.caches[c] for c, _, _ in sig.inplace}
+    assert written and written <= set(sig.stored)  # every in-place cache is stored narrow...
+    assert not {name for name, _ in written} & set(sig.updated)  # ...and none returns a widened copy
+    elsewhere = x.clone()
+    elsewhere[..., 10:14, 0:4] -= 1.0
+    for edited in (_edit(x), elsewhere, _edit(x, 2.0)):
+        torch.testing.assert_close(narrow(edited), wide(edited), rtol=2e-2, atol=2e-2)
+    assert torch.equal(narrow(x), recorded)
+    slot = narrow.store.get(narrow.store.keys()[0])
+    assert {c.dtype for i, c in enumerate(slot.caches) if i in narrow._narrowable} == {stored}
+
+
 def test_wrong_devices_are_named():
     model = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1)).eval()
     x = torch.randn(1, 3, 8, 8)

@@ -40,48 +40,54 @@ def test_gather_affine_activation_keeps_padding_zero():
     torch.testing.assert_close(got, _naive_gather(activated, indices, [6, 6], [4, 4], [-1, -1], "constant", 0.0))
 
 
-def test_scatter_writes_blocks_and_clips_the_edge():
-    base = torch.randn(2, 3, 10, 10)
-    indices = torch.tensor([[0, 1], [2, 2]])  # block (2, 2) of 4x4 runs past the 10x10 edge
-    blocks = torch.randn(4, 3, 4, 4)
-    out = sigec.scatter(blocks, base, indices, [4, 4])
-    expect = base.clone()
-    b = blocks.view(2, 2, 3, 4, 4)
-    expect[:, :, 0:4, 4:8] = b[0]
-    expect[:, :, 8:10, 8:10] = b[1][:, :, :2, :2]
-    torch.testing.assert_close(out, expect)
-    assert not torch.equal(out, base) and base.data_ptr() != out.data_ptr()
-
-
-def test_scatter_gather_and_residual_add_compose_the_simple_ops():
-    base = torch.randn(1, 3, 8, 8)
-    idx = torch.tensor([[1, 0]])
-    blocks = torch.randn(1, 3, 4, 4)
-    full, windows = sigec.scatter_gather(blocks, base, idx, [4, 4], idx, [6, 6], [4, 4], [-1, -1], "constant", 0.0)
-    torch.testing.assert_close(full, sigec.scatter(blocks, base, idx, [4, 4]))
-    torch.testing.assert_close(windows, sigec.gather(full, idx, [6, 6], [4, 4], [-1, -1], "constant", 0.0,
-                                                     None, None, "none", 0.0))
-    res = sigec.residual_add(blocks, base, idx, [4, 4])
-    torch.testing.assert_close(res, blocks + base[:, :, 4:8, 0:4])
+def _naive_scatter(base, blocks, indices, block):
+    """``base`` with the (N-sample) blocks written at ``indices``, by slicing (a copy)."""
+    out = base.clone()
+    n, _, h, w = base.shape
+    bh, bw = block
+    for b, (r, col) in enumerate(indices.tolist()):
+        rows, cols = min(bh, h - r * bh), min(bw, w - col * bw)
+        out[:, :, r * bh:r * bh + rows, col * bw:col * bw + cols] = blocks[b * n:(b + 1) * n, :, :rows, :cols]
+    return out
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
-def test_inplace_scatter_writes_what_the_copying_one_returns(layout):
+def test_scatter_writes_blocks_in_place_and_clips_the_edge(layout):
     torch.manual_seed(0)
     base = torch.randn(2, 3, 10, 10).to(memory_format=layout)
-    indices = torch.tensor([[0, 1], [2, 2]])
+    indices = torch.tensor([[0, 1], [2, 2]])  # block (2, 2) of 4x4 runs past the 10x10 edge
     blocks = torch.randn(4, 3, 4, 4)
-    expect = sigec.scatter(blocks, base, indices, [4, 4])
+    expect = _naive_scatter(base, blocks, indices, [4, 4])
     ptr = base.data_ptr()
     sigec.scatter_(base, blocks, indices, [4, 4])
     assert base.data_ptr() == ptr and base.is_contiguous(memory_format=layout)
     torch.testing.assert_close(base, expect, rtol=0, atol=0)
     windows = sigec.scatter_gather_(base, blocks * 2, indices, [4, 4], indices, [6, 6], [4, 4], [-1, -1],
                                     "constant", 0.0)
-    expect = sigec.scatter(blocks * 2, expect, indices, [4, 4])
+    expect = _naive_scatter(expect, blocks * 2, indices, [4, 4])
     torch.testing.assert_close(base, expect, rtol=0, atol=0)
-    torch.testing.assert_close(windows, sigec.gather(expect, indices, [6, 6], [4, 4], [-1, -1], "constant", 0.0,
-                                                     None, None, "none", 0.0))
+    torch.testing.assert_close(windows, _naive_gather(expect, indices, [6, 6], [4, 4], [-1, -1], "constant", 0.0))
+
+
+@pytest.mark.parametrize("stored", [torch.float16, torch.bfloat16])
+def test_scatter_rounds_wider_blocks_into_a_narrow_cache(stored):
+    """A cache stored in ``cache_dtype`` is a working buffer too: the blocks are rounded into it."""
+    torch.manual_seed(0)
+    base = torch.randn(1, 3, 8, 8).to(stored)
+    indices = torch.tensor([[1, 0]])
+    blocks = torch.randn(1, 3, 4, 4)
+    expect = _naive_scatter(base, blocks.to(stored), indices, [4, 4])
+    sigec.scatter_(base, blocks, indices, [4, 4])
+    assert base.dtype == stored
+    torch.testing.assert_close(base, expect, rtol=0, atol=0)
+
+
+def test_residual_add_adds_the_residual_at_the_blocks():
+    base = torch.randn(1, 3, 8, 8)
+    idx = torch.tensor([[1, 0]])
+    blocks = torch.randn(1, 3, 4, 4)
+    res = sigec.residual_add(blocks, base, idx, [4, 4])
+    torch.testing.assert_close(res, blocks + base[:, :, 4:8, 0:4])
 
 
 def test_inplace_scatter_refuses_other_layouts():
@@ -111,7 +117,9 @@ def test_empty_block_lists():
     x = torch.randn(1, 2, 8, 8)
     none = torch.zeros(0, 2, dtype=torch.int64)
     assert sigec.gather(x, none, [4, 4], [4, 4], [0, 0], "constant", 0.0, None, None, "none", 0.0).shape == (0, 2, 4, 4)
-    assert torch.equal(sigec.scatter(torch.zeros(0, 2, 4, 4), x, none, [4, 4]), x)
+    y = x.clone()
+    sigec.scatter_(y, torch.zeros(0, 2, 4, 4), none, [4, 4])
+    assert torch.equal(y, x)
 
 
 @pytest.mark.parametrize("blocks,kernel,stride,dilation,groups,bias", [
@@ -138,9 +146,6 @@ def _opcheck_samples():
     return [
         (sigec.gather.default, (x, idx, [6, 6], [4, 4], [-1, -1], "constant", 0.0, None, None, "none", 0.0)),
         (sigec.gather.default, (xcl, idx, [6, 6], [4, 4], [-1, -1], "reflect", 0.0, scale, shift, "silu", 0.0)),
-        (sigec.scatter.default, (blocks, x, idx, [4, 4])),
-        (sigec.scatter.default, (blocks, xcl, idx, [4, 4])),
-        (sigec.scatter_gather.default, (blocks, xcl, idx, [4, 4], idx, [5, 5], [4, 4], [0, 0], "replicate", 0.0)),
         (sigec.gather_cat.default, ([x, xcl[:, :2]], idx, [6, 6], [4, 4], [-1, -1], "constant", 0.0,
                                     torch.rand(2, 6), torch.randn(2, 6), "silu", 0.0)),
         (sigec.scatter_.default, (x.clone(), blocks, idx, [4, 4])),

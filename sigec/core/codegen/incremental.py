@@ -16,8 +16,10 @@ the concatenation is never scattered nor cached. Scatters write **in place** int
 persistent working buffer of its site: the cost is proportional to the active area. The graph
 therefore mutates those cache inputs; ``IncrementalSignature.inplace`` lists them with the blocks
 written, so the engine can save the overwritten blocks before a run and restore them before the
-next one. When the cache is stored in a narrower dtype than the model computes in, scatters copy
-and widen instead (``sigec.scatter``) and the new full value is returned as an updated cache.
+next one. A cache stored in another dtype than the model computes in (``cache_dtype``, listed in
+``IncrementalSignature.stored``) is a working buffer too: the scatter rounds the blocks into it,
+gathers read it and widen their windows (proportional to the active area again), and only a
+consumer of the whole tensor (an output, a dense op) reads a widened copy.
 Sparse ops consume blocks; dense ops and fallbacks consume full tensors; a fallback region's
 image outputs are taken inside their mask (``where(mask, new, recorded)``).
 """
@@ -62,6 +64,8 @@ class IncrementalSignature:
         inplace: ``(cache position, block-index position, channels-last)`` of each cached tensor
             the graph overwrites in place, the blocks it writes, and whether the value is NHWC
             (its blocks are then written through an NCHW view).
+        stored: ``(node name, kind)`` of each cache the graph expects in ``cache_dtype`` rather
+            than in its value's own dtype (the engine stores those caches so).
     """
 
     caches: list = dataclasses.field(default_factory=list)
@@ -70,6 +74,7 @@ class IncrementalSignature:
     num_outputs: int = 0
     updated: list = dataclasses.field(default_factory=list)
     inplace: list = dataclasses.field(default_factory=list)
+    stored: list = dataclasses.field(default_factory=list)
 
     def mask_exprs(self) -> list:
         return list(dict.fromkeys([m for m, _ in self.blocks] + list(self.pixel_masks)))
@@ -84,9 +89,9 @@ class _Rep:
 
 
 class _Emitter:
-    def __init__(self, gm: GraphModule, batch: int, inplace: bool):
+    def __init__(self, gm: GraphModule, batch: int, cache_dtype: Optional[torch.dtype]):
         self.batch = batch
-        self.inplace = inplace
+        self.cache_dtype = cache_dtype
         self.by_name = {n.name: n for n in gm.graph.nodes}
         self.slot_constants = slot_constants(gm)
         self.g = Graph()
@@ -96,6 +101,10 @@ class _Emitter:
         self._block_ph: dict = {}
         self._mask_ph: dict = {}
         self._full: dict = {}
+        self._stored_full: dict = {}
+        # stored full values (cache inputs) that are narrower or wider than their value: the dtype
+        # their gathers widen to
+        self._compute_dtype: dict[Node, torch.dtype] = {}
         self._blocks: dict = {}
         self._last_ph: Optional[Node] = None
 
@@ -113,8 +122,23 @@ class _Emitter:
         if key not in self._cache_ph:
             self.sig.caches.append(key)
             prefix = {VALUE: "cache", NORM_SCALE: "scale", NORM_SHIFT: "shift"}[kind]
-            self._cache_ph[key] = self._placeholder(f"{prefix}_{node.name}", node if kind == VALUE else None)
+            ph = self._placeholder(f"{prefix}_{node.name}", node if kind == VALUE else None)
+            self._cache_ph[key] = ph
+            dtype = self._stored_dtype(node) if kind == VALUE else None
+            if dtype is not None:
+                self.sig.stored.append(key)
+                self._compute_dtype[ph] = node.meta["val"].dtype
         return self._cache_ph[key]
+
+    def _stored_dtype(self, node: Node) -> Optional[torch.dtype]:
+        """``cache_dtype`` where the cache of ``node``'s value is stored in it and that differs
+        from the value's dtype (edited floating values only: slot constants are small and kept
+        as they are)."""
+        val = node.meta.get("val")
+        if (self.cache_dtype is None or not node.meta[K.SPATIAL].tainted or not isinstance(val, torch.Tensor)
+                or not val.is_floating_point() or val.dtype == self.cache_dtype):
+            return None
+        return self.cache_dtype
 
     def indices(self, mask: M.MaskExpr, block) -> Node:
         key = (mask, tuple(block))
@@ -154,10 +178,22 @@ class _Emitter:
         return self.call(aten.permute.default, (value, dims), origin=origin)
 
     def full_of(self, node: Node) -> Node:
+        """The full value of ``node`` in its own dtype."""
+        stored = self.stored_full_of(node)
+        dtype = self._compute_dtype.get(stored)
+        if dtype is None:
+            return stored
+        if node not in self._full:  # a widened copy (it keeps the cache's memory format)
+            self._full[node] = self.call(aten._to_copy.default, (stored,), {"dtype": dtype}, origin=node)
+        return self._full[node]
+
+    def stored_full_of(self, node: Node) -> Node:
+        """The full value of ``node`` as stored: the cached tensor its blocks were scattered
+        into, which may be in ``cache_dtype`` (gathers read it so and widen their windows)."""
         rep = self.reps[node]
         if rep.form != "blocks":
             return rep.node
-        if node not in self._full:
+        if node not in self._stored_full:
             # the sigec ops work in NCHW; channels-last values are permuted around them
             nhwc = node.meta[K.SPATIAL].layout == NHWC
             cached = self.cache(node)
@@ -165,15 +201,11 @@ class _Emitter:
             if nhwc:
                 blocks, base = self._permute(blocks, NCHW, node), self._permute(base, NCHW, node)
             indices = self.indices(rep.mask, rep.block)
-            if self.inplace:
-                self.call(sigec_ops.scatter_.default, (base, blocks, indices, list(rep.block)), origin=node)
-                self.sig.inplace.append((self.sig.caches.index((node.name, VALUE)),
-                                         self.sig.blocks.index((rep.mask, tuple(rep.block))), nhwc))
-                self._full[node] = cached  # read after the write: the graph runs in order
-            else:
-                full = self.call(sigec_ops.scatter.default, (blocks, base, indices, list(rep.block)), origin=node)
-                self._full[node] = self._permute(full, NHWC, node) if nhwc else full
-        return self._full[node]
+            self.call(sigec_ops.scatter_.default, (base, blocks, indices, list(rep.block)), origin=node)
+            self.sig.inplace.append((self.sig.caches.index((node.name, VALUE)),
+                                     self.sig.blocks.index((rep.mask, tuple(rep.block))), nhwc))
+            self._stored_full[node] = cached  # read after the write: the graph runs in order
+        return self._stored_full[node]
 
     def gather(self, full: "Node | list[Node]", mask, block, spec=None, prologue=(None, None, "none", 0.0),
                origin=None) -> Node:
@@ -184,9 +216,13 @@ class _Emitter:
         pad_mode, pad_value = (spec.pad_mode, spec.pad_value) if spec else ("constant", 0.0)
         scale, shift, act, slope = prologue
         target = sigec_ops.gather_cat.default if isinstance(full, list) else sigec_ops.gather.default
-        return self.call(target,
-                         (full, self.indices(mask, block), list(window), list(stride), list(offset),
-                          pad_mode, float(pad_value), scale, shift, act, float(slope)), origin=origin)
+        windows = self.call(target,
+                            (full, self.indices(mask, block), list(window), list(stride), list(offset),
+                             pad_mode, float(pad_value), scale, shift, act, float(slope)), origin=origin)
+        dtype = self._compute_dtype.get(full[0] if isinstance(full, list) else full)
+        if dtype is not None:  # the windows of a cache stored in another dtype, in the value's
+            windows = self.call(aten._to_copy.default, (windows,), {"dtype": dtype}, origin=origin)
+        return windows
 
     def cat_parts(self, node: Node) -> Optional[list[Node]]:
         """The full values of the parts of a channel ``cat`` that a gather can read in place of
@@ -211,6 +247,10 @@ class _Emitter:
                 tuple(part.meta["val"].shape[-2:]) == size
             if not (same_blocks or untouched):
                 return None
+        # gather_cat reads sources of one dtype: stored values if they share theirs
+        stored = [self.stored_full_of(part) for part in node.args[0]]
+        if len({self._compute_dtype.get(s) for s in stored}) == 1:
+            return stored
         return [self.full_of(part) for part in node.args[0]]
 
     def blocks_of(self, node: Node, mask, block) -> Node:
@@ -219,11 +259,14 @@ class _Emitter:
             return rep.node
         key = (node, mask, tuple(block))
         if key not in self._blocks:
+            stored = self.stored_full_of(node)
             if node.meta[K.SPATIAL].layout == NHWC:
-                full = self._permute(self.full_of(node), NCHW, node)
+                full = self._permute(stored, NCHW, node)
+                if stored in self._compute_dtype:
+                    self._compute_dtype[full] = self._compute_dtype[stored]
                 self._blocks[key] = self._permute(self.gather(full, mask, block, origin=node), NHWC, node)
             else:
-                self._blocks[key] = self.gather(self.full_of(node), mask, block, origin=node)
+                self._blocks[key] = self.gather(stored, mask, block, origin=node)
         return self._blocks[key]
 
     def norm_params(self, norm: Node) -> tuple[Node, Node]:
@@ -314,7 +357,7 @@ class _Emitter:
         spec = node.meta[K.WINDOW]
         pro = node.meta.get(K.PROLOGUE)
         source = pro.source if pro is not None else node.args[0]
-        full = self.cat_parts(source) or self.full_of(source)
+        full = self.cat_parts(source) or self.stored_full_of(source)
         if pro is not None:
             scale, shift = self.norm_params(pro.norm) if pro.norm is not None else (None, None)
             windows = self.gather(full, mask, block, spec, (scale, shift, pro.activation, pro.slope), origin=node)
@@ -363,7 +406,7 @@ class _Emitter:
             name, kind = self.sig.caches[done]
             done += 1
             if kind == VALUE and self.by_name[name].meta[K.SPATIAL].tainted:
-                full = self.full_of(self.by_name[name])
+                full = self.stored_full_of(self.by_name[name])
                 if full is not self._cache_ph[(name, kind)]:  # not written in place
                     self.sig.updated.append(name)
                     updated.append(full)
@@ -387,13 +430,14 @@ def slot_constants(gm: GraphModule) -> set:
     return out
 
 
-def emit_incremental(gm: GraphModule, batch: int, inplace: bool = True) -> tuple[GraphModule, IncrementalSignature]:
+def emit_incremental(gm: GraphModule, batch: int,
+                     cache_dtype: Optional[torch.dtype] = None) -> tuple[GraphModule, IncrementalSignature]:
     """The incremental GraphModule of an analysed graph (all analysis passes must have run).
 
-    ``inplace``: scatter into the cached tensors in place (they must be stored in the dtype the
-    model computes in); otherwise scatter into widened copies.
+    ``cache_dtype``: the dtype the edited values' caches are stored in (``None``: their own);
+    ``IncrementalSignature.stored`` lists the caches it changes.
     """
-    em = _Emitter(gm, batch, inplace)
+    em = _Emitter(gm, batch, cache_dtype)
     for node in gm.graph.nodes:
         em.emit(node)
     em.order_placeholders(gm)
