@@ -15,6 +15,7 @@
 #include <ATen/ops/conv2d.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
+#include <ATen/ops/linear.h>
 #include <ATen/ops/mm.h>
 #include <c10/core/ScalarType.h>
 #include <c10/core/impl/alloc_cpu.h>
@@ -765,6 +766,27 @@ Tensor conv_windows(const Tensor& windows, const Tensor& weight, const c10::opti
   return out;
 }
 
+// ------------------------------------------------------------------------------------------
+// linear
+
+// F.linear; a float product with at most kSmallRowsMax rows (the tokens of a few active blocks)
+// reads the weight once, as stored (N, K), with the few-rows kernel above.
+Tensor linear(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias) {
+  const bool has_bias = bias.has_value() && bias->defined();
+  const int64_t depth = x.dim() > 0 ? x.size(-1) : 0;
+  const int64_t rows = depth > 0 ? x.numel() / depth : 0;
+  const bool few_rows = x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat && weight.dim() == 2 &&
+                        weight.is_contiguous() && weight.size(1) == depth && rows >= 1 && rows <= kSmallRowsMax &&
+                        (!has_bias || (bias->scalar_type() == at::kFloat && bias->numel() == weight.size(0)));
+  if (!few_rows) return at::linear(x, weight, bias);
+  const Tensor a = x.reshape({rows, depth}).contiguous();
+  Tensor out = new_output({rows, weight.size(0)}, a);
+  small_rows_matmul(a, weight, bias, out);
+  std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
+  sizes.back() = weight.size(0);
+  return out.view(sizes);
+}
+
 }  // namespace
 }  // namespace sigec
 
@@ -777,4 +799,5 @@ TORCH_LIBRARY_IMPL(sigec, CPU, m) {
   m.impl("affine_act", &sigec::affine_act);
   m.impl("im2col", &sigec::im2col);
   m.impl("conv_windows", &sigec::conv_windows);
+  m.impl("linear", &sigec::linear);
 }

@@ -13,13 +13,15 @@ from sigec.passes.drop_identity_ops import drop_identity_ops
 from sigec.passes.strided_nearest_downsample import strided_nearest_downsample
 from sigec.passes.fold_into_affine import fold_into_affine
 from sigec.passes.fuse_scatter_gather import fuse_scatter_gather
+from sigec.passes.native_linears import native_linears
 from sigec.passes.fold_residual_add import fold_residual_add
 from sigec.passes.specialize_cut import specialize_cut
 from sigec.passes.classify_tiling import classify_tiling
 from sigec.passes.schedule_tiles import schedule_tiles
 
 ANALYSIS_PASSES = [canonicalize_tokens, classify_spatial, propagate_masks, analyze_halo, partition, fold_norm_activation]
-INCREMENTAL_PASSES = [drop_identity_ops, strided_nearest_downsample, fold_into_affine, fold_residual_add, fuse_scatter_gather]
+INCREMENTAL_PASSES = [drop_identity_ops, strided_nearest_downsample, fold_into_affine, fold_residual_add,
+                      fuse_scatter_gather, native_linears]
 #: temporal reuse (sigec.temporal): the full and partial graphs of a cut, on the captured graph
 TEMPORAL_PASSES = [specialize_cut]
 #: tiled execution (sigec.tiling): the spatial classification, then per-value tiling rules and the schedule

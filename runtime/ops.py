@@ -360,6 +360,29 @@ def _conv_windows_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> in
     return 2 * math.prod(out_shape) * math.prod(w_shape[1:])
 
 
+
+def linear_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``F.linear(x, weight, bias)``: ``x (..., K)`` times ``weight (N, K)`` transposed.
+
+    The incremental graph's linears on the tokens of active blocks have few rows (tens to a few
+    hundred) against weights of up to 52 MB; the native CPU kernel then reads the weight once, in
+    the layout it is stored in, where the library GEMM packs it on every call."""
+    return F.linear(x, weight, bias)
+
+
+linear = torch.library.custom_op("sigec::linear", mutates_args=())(linear_reference)
+
+
+@linear.register_fake
+def _(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@register_flop_formula(torch.ops.sigec.linear)
+def _linear_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    """What ``FlopCounterMode`` counts for ``linear``: two FLOPs per multiply-accumulate."""
+    return 2 * math.prod(out_shape) * w_shape[1]
+
 #: The pure-PyTorch implementation of each op that has a native kernel (csrc/): the oracle the
 #: native kernels are tested against, and what runs when they are not built.
 REFERENCE_KERNELS = {
@@ -371,6 +394,7 @@ REFERENCE_KERNELS = {
     "affine_act": affine_act_reference,
     "im2col": im2col_reference,
     "conv_windows": conv_windows_reference,
+    "linear": linear_reference,
 }
 
 #: Every op of the namespace, for opcheck and completeness tests.
@@ -383,6 +407,7 @@ ALL_OPS = {
     "affine_act": torch.ops.sigec.affine_act.default,
     "tile_blocks": torch.ops.sigec.tile_blocks.default,
     "conv_windows": torch.ops.sigec.conv_windows.default,
+    "linear": torch.ops.sigec.linear.default,
     "im2col": torch.ops.sigec.im2col.default,
     "norm_affine": torch.ops.sigec.norm_affine.default,
 }

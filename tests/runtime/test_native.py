@@ -163,6 +163,29 @@ def test_conv_windows_few_rows_product_matches_float64(blocks, channels, out_cha
     torch.testing.assert_close(channels_last, got, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("shape,depth,out", [((1, 3), 3, 1), ((2, 3, 6), 37, 6), ((96, 1), 2100, 5), ((97,), 20, 9),
+                                             ((7, 4, 4), 64, 67), ((300,), 16, 8)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_matches_float64(shape, depth, out, bias):
+    # up to 96 rows in float32 take the few-rows kernel (partial tiles, depth tails, past its 2048
+    # chunk); more rows, F.linear
+    x, weight = torch.randn(*shape, depth), torch.randn(out, depth)
+    b = torch.randn(out) if bias else None
+    got = sigec.linear(x, weight, b)
+    assert got.shape == (*shape, out) and got.is_contiguous()
+    expected = torch.nn.functional.linear(x.double(), weight.double(), None if b is None else b.double())
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got, REFERENCE_KERNELS["linear"](x, weight, b), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_linear_in_other_dtypes_and_strides_is_f_linear(dtype):
+    x, weight, b = torch.randn(5, 3, 24).to(dtype), torch.randn(7, 24).to(dtype), torch.randn(7).to(dtype)
+    assert torch.equal(sigec.linear(x, weight, b), torch.nn.functional.linear(x, weight, b))
+    x, weight = torch.randn(24, 5).t(), torch.randn(24, 7).t()  # transposed: not contiguous
+    torch.testing.assert_close(sigec.linear(x, weight, None), x @ weight.t(), rtol=1e-5, atol=1e-5)
+
+
 def test_im2col_refuses_windows_smaller_than_the_kernel():
     with pytest.raises(ValueError, match="smaller than the kernel"):
         sigec.im2col(torch.randn(1, 2, 2, 2), [3, 3], [1, 1])

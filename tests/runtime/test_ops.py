@@ -160,6 +160,8 @@ def _opcheck_samples():
         (sigec.conv_windows.default, (xcl, torch.randn(3, 4, 3, 3), None, [2, 2], [1, 1], 1)),
         (sigec.im2col.default, (torch.randn(3, 4, 6, 5), [3, 2], [1, 2])),
         (sigec.im2col.default, (xcl, [1, 1], [1, 1])),
+        (sigec.linear.default, (torch.randn(3, 2, 5), torch.randn(6, 5), torch.randn(6))),
+        (sigec.linear.default, (torch.randn(200, 5), torch.randn(6, 5), None)),
     ]
 
 
