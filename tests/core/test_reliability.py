@@ -8,6 +8,7 @@ from torch.fx import Interpreter
 
 import sigec
 from sigec import CaptureError, EngineError
+from sigec.ir.costs import KernelCosts
 from sigec.runtime import ReferenceRuntime
 
 
@@ -243,6 +244,48 @@ def test_a_narrower_cache_is_written_in_place(stored):
     assert torch.equal(narrow(x), recorded)
     slot = narrow.store.get(narrow.store.keys()[0])
     assert {c.dtype for i, c in enumerate(slot.caches) if i in narrow._narrowable} == {stored}
+
+
+class _SkipCat(nn.Module):
+    """A skip concatenation of two edited maps and a learned constant map (``gather_cat`` over
+    sources that are stored narrow, or narrow and not)."""
+
+    def __init__(self, constant_part: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.constant = nn.Parameter(torch.randn(1, 2, 16, 16)) if constant_part else None
+        self.out = nn.Conv2d(8 + (2 if constant_part else 0), 3, 3, padding=1)
+
+    def forward(self, x):
+        h = self.a(x)
+        parts = [h, torch.sigmoid(h)] + ([self.constant.expand(x.shape[0], -1, -1, -1)] if self.constant is not None else [])
+        return self.out(torch.cat(parts, dim=1))
+
+
+#: prices that make every local op sparse, whatever this machine measures
+_SPARSE_IS_CHEAP = KernelCosts(dense_mac=1e-11, dense_weight_byte=1e-15, sparse_mac=1e-12, sparse_weight_byte=1e-15,
+                               element=1e-13, call=1e-12, source="sparse is cheap in this test")
+
+
+@pytest.mark.parametrize("constant_part", [False, True])
+def test_a_narrower_cache_under_a_skip_concatenation(constant_part):
+    model = _SkipCat(constant_part).eval()
+    x = torch.randn(1, 3, 16, 16)
+    options = dict(policy="exact", block_size=4, kernel_costs=_SPARSE_IS_CHEAP)
+    wide = sigec.compile(model, (x,), **options)
+    narrow = sigec.compile(model, (x,), cache_dtype=torch.float16, **options)
+    narrow(x), wide(x)
+    # the concatenation is read by gather_cat: over the fp16 caches themselves, or (next to the
+    # fp32 constant, as gather_cat's sources share one dtype) over widened copies of them
+    cats = [n for n in narrow.incremental.graph.nodes if n.target == torch.ops.sigec.gather_cat.default]
+    assert cats and narrow.signature.stored
+    sources = {s.op if s.op == "placeholder" else s.target for s in cats[0].args[0]}
+    widened_and_constant = {torch.ops.aten._to_copy.default, torch.ops.aten.expand.default}
+    assert sources == (widened_and_constant if constant_part else {"placeholder"})
+    for edited in (_edit(x), _edit(x, -2.0)):
+        torch.testing.assert_close(narrow(edited), wide(edited), rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(wide(edited), model(edited), rtol=1e-4, atol=1e-5)
 
 
 def test_wrong_devices_are_named():

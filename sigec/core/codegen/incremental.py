@@ -232,7 +232,7 @@ class _Emitter:
         each part is either independent of the edit or in blocks of the same mask and grid (so
         it differs from its recording exactly where the ``cat`` does).
         """
-        if node.op != "call_function" or node.target != aten.cat.default or node in self._full:
+        if node.op != "call_function" or node.target != aten.cat.default or node in self._stored_full:
             return None
         rep = self.reps[node]
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
