@@ -66,7 +66,7 @@ _KIND_BY_NAME = {
     **dict.fromkeys(["aten::conv2d", "aten::convolution", "aten::_convolution", "aten::conv_transpose2d",
                      "aten::cudnn_convolution", "sigec::conv_windows", "sigec::im2col"], "conv"),
     **dict.fromkeys(["aten::linear", "aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::baddbmm",
-                     "aten::einsum"], "matmul"),
+                     "aten::einsum", "sigec::linear"], "matmul"),
     **dict.fromkeys(["sigec::attention", "sigec::attention_blocks", "aten::scaled_dot_product_attention",
                      "aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_efficient_attention",
                      "aten::softmax", "aten::_softmax"], "attention"),

@@ -9,7 +9,7 @@ from torch.fx import Graph, GraphModule
 
 import sigec
 from sigec.core.codegen import emit_incremental
-from sigec.core.launches import KINDS, count_launches, launching_ops
+from sigec.core.launches import KINDS, count_launches, launching_ops, op_kind
 
 aten = torch.ops.aten
 
@@ -187,3 +187,7 @@ def test_report_stands_when_a_plan_cannot_be_counted(monkeypatch, caplog):
     assert report.launches == {0.05: "NotImplementedError: no meta kernel for sigec.example"}
     assert "not counted (NotImplementedError: no meta kernel" in str(report)
     assert "not counted" in caplog.text
+
+
+def test_sigec_linear_is_a_matrix_product():
+    assert op_kind(torch.ops.sigec.linear.default) == op_kind(torch.ops.aten.addmm.default) == "matmul"
