@@ -2,7 +2,7 @@
 
 A transformer block's linears on the tokens of the active blocks multiply tens of rows by weights
 of up to 52 MB (SD 1.x's 1280 -> 10240 feed-forward). The library GEMM packs the weight on every
-call and ran them at 3-6 GB/s of weight; ``sigec.linear``'s native kernel reads the weight once,
+call and ran them at 2-4 GB/s of weight; ``sigec.linear``'s native kernel reads the weight once,
 in the layout it is stored in, when the product has few rows, and is ``F.linear`` otherwise.
 Same values up to the summation order of a float product.
 

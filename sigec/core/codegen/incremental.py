@@ -100,7 +100,7 @@ class _Emitter:
         self._cache_ph: dict = {}
         self._block_ph: dict = {}
         self._mask_ph: dict = {}
-        self._full: dict = {}
+        self._widened: dict = {}
         self._stored_full: dict = {}
         # stored full values (cache inputs) that are narrower or wider than their value: the dtype
         # their gathers widen to
@@ -183,9 +183,9 @@ class _Emitter:
         dtype = self._compute_dtype.get(stored)
         if dtype is None:
             return stored
-        if node not in self._full:  # a widened copy (it keeps the cache's memory format)
-            self._full[node] = self.call(aten._to_copy.default, (stored,), {"dtype": dtype}, origin=node)
-        return self._full[node]
+        if node not in self._widened:  # a widened copy (it keeps the cache's memory format)
+            self._widened[node] = self.call(aten._to_copy.default, (stored,), {"dtype": dtype}, origin=node)
+        return self._widened[node]
 
     def stored_full_of(self, node: Node) -> Node:
         """The full value of ``node`` as stored: the cached tensor its blocks were scattered
