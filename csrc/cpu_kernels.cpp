@@ -653,12 +653,14 @@ Tensor im2col(const Tensor& windows_in, at::IntArrayRef kernel, at::IntArrayRef 
 // matrix products with few rows: out = a * w^T + bias
 
 // The sparse convolutions of low resolutions multiply a few dozen window rows by a weight of up
-// to 59 MB (a 1280-channel 3x3 convolution). There the library GEMM packs the weight on every
-// call and ran at about 6 GB/s of weight, a fifth of what two cores stream from memory. This
-// kernel reads each weight row once per call, in the layout it is stored in (C_out, C_in * kh * kw):
-// a 4x4 tile of outputs accumulates 16 vector dot products along k, over chunks of k that keep
-// the rows of `a` in cache, and threads split the output channels.
-constexpr int64_t kSmallRowsMax = 96;  // rows up to which conv_windows takes this kernel
+// to 59 MB (a 1280-channel 3x3 convolution), which streams from memory once per call. The
+// library GEMM packs the weight on every call; these kernels read it once, in the layout it is
+// stored in (C_out, C_in * kh * kw), and threads split the output channels.
+// * With AVX-512: the rows of `a`, transposed into a panel of depth x (16 * MV) floats, are
+//   broadcast-multiplied by weight values: NR weight rows times MV vectors of rows accumulate
+//   in registers along the depth (no horizontal sums), over chunks of the depth that keep the
+//   panel in L2.
+// * Elsewhere: 4 x 4 tiles of 16-wide dot products along the depth.
 constexpr int64_t kTileRows = 4, kTileCols = 4, kDepthChunk = 2048;
 
 typedef float float16v __attribute__((vector_size(64)));
@@ -669,16 +671,26 @@ inline float16v load16(const float* p) {
   return v;
 }
 
+inline void store16(float* p, float16v v) { std::memcpy(p, &v, sizeof(v)); }
+
 inline float sum16(float16v v) {
   float total = 0.0f;
   for (int i = 0; i < 16; ++i) total += v[i];
   return total;
 }
 
-// out[r][c] += dot(a[r][k0:k1], w[c][k0:k1]) for the rows and columns of one tile (up to 4 x 4).
+// Where product element (row m, column c) goes: `group` consecutive rows are one block's
+// output positions, stored (block, column, position), i.e. a convolution's (nb, C_out, oh, ow);
+// group 1 is the row-major (rows, n) matrix.
+struct ProductLayout {
+  int64_t n, group;
+  int64_t at(int64_t m, int64_t c) const { return (m / group) * n * group + c * group + m % group; }
+};
+
+// out[m][c] += dot(a[m][k0:k1], w[c][k0:k1]) for the rows and columns of one tile (up to 4 x 4).
 SIGEC_VECTOR_CLONES
-void small_rows_tile(const float* a, const float* w, int64_t lda, int64_t ldw, int64_t rows, int64_t cols,
-                     int64_t depth, float* out, int64_t ldo) {
+void small_rows_tile(const float* a, const float* w, int64_t lda, int64_t ldw, int64_t r0, int64_t rows, int64_t c0,
+                     int64_t cols, int64_t depth, float* out, ProductLayout layout) {
   float16v acc[kTileRows][kTileCols] = {};
   const int64_t vec_depth = depth / 16 * 16;
   const float* ar[kTileRows];
@@ -699,24 +711,13 @@ void small_rows_tile(const float* a, const float* w, int64_t lda, int64_t ldw, i
     for (int64_t c = 0; c < cols; ++c) {
       float tail = 0.0f;
       for (int64_t k = vec_depth; k < depth; ++k) tail += ar[r][k] * wr[c][k];
-      out[r * ldo + c] += sum16(acc[r][c]) + tail;
+      out[layout.at(r0 + r, c0 + c)] += sum16(acc[r][c]) + tail;
     }
   }
 }
 
-// out (rows, n) = a (rows, k) * w (n, k)^T + bias; a and w row-major contiguous float.
-void small_rows_matmul(const Tensor& a, const Tensor& w, const c10::optional<Tensor>& bias, Tensor& out) {
-  const int64_t rows = a.size(0), depth = a.size(1), n = w.size(0);
-  const float* pa = a.data_ptr<float>();
-  const float* pw = w.data_ptr<float>();
-  float* po = out.data_ptr<float>();
-  if (bias.has_value() && bias->defined()) {
-    const Tensor b = bias->contiguous();
-    const float* pb = b.data_ptr<float>();
-    for (int64_t r = 0; r < rows; ++r) std::memcpy(po + r * n, pb, n * sizeof(float));
-  } else {
-    std::fill(po, po + rows * n, 0.0f);
-  }
+void dot_tiles_product(const float* pa, int64_t rows, int64_t depth, const float* pw, int64_t n, float* po,
+                       ProductLayout layout) {
   const int64_t col_tiles = (n + kTileCols - 1) / kTileCols;
   at::parallel_for(0, col_tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t k0 = 0; k0 < depth; k0 += kDepthChunk) {
@@ -724,12 +725,149 @@ void small_rows_matmul(const Tensor& a, const Tensor& w, const c10::optional<Ten
       for (int64_t tile = begin; tile < end; ++tile) {
         const int64_t c0 = tile * kTileCols, cols = std::min(kTileCols, n - c0);
         for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
-          small_rows_tile(pa + r0 * depth + k0, pw + c0 * depth + k0, depth, depth, std::min(kTileRows, rows - r0),
-                          cols, chunk, po + r0 * n + c0, n);
+          small_rows_tile(pa + r0 * depth + k0, pw + c0 * depth + k0, depth, depth, r0, std::min(kTileRows, rows - r0),
+                          c0, cols, chunk, po, layout);
         }
       }
     }
   });
+}
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define SIGEC_BROADCAST_PRODUCT 1
+
+// part (NR x 16 MV) = w[0:NR][0:depth] (rows ldw apart) times panel[0:depth] (rows of 16 MV
+// floats), set on the first chunk and added to after: one weight value broadcast against MV
+// vectors of rows per multiply-add. The registers are summed into `part` every kSumBlock
+// values of the depth, so rounding grows as in a blocked sum (about the library GEMM's), not
+// along one chain of 2048 products.
+constexpr int64_t kSumBlock = 256;
+
+template <int MV, int NR>
+__attribute__((target("avx512f")))
+void broadcast_tile(const float* panel, const float* w, int64_t ldw, int64_t depth, float* part, bool first) {
+  constexpr int64_t kLanes = MV * 16;
+  for (int64_t k0 = 0; k0 < depth; k0 += kSumBlock) {
+    const int64_t k1 = std::min(depth, k0 + kSumBlock);
+    float16v acc[NR][MV] = {};
+    for (int64_t k = k0; k < k1; ++k) {
+      float16v rows[MV];
+      for (int v = 0; v < MV; ++v) rows[v] = load16(panel + k * kLanes + v * 16);
+      for (int r = 0; r < NR; ++r) {
+        const float weight = w[r * ldw + k];
+        for (int v = 0; v < MV; ++v) acc[r][v] += rows[v] * weight;
+      }
+    }
+    const bool set = first && k0 == 0;
+    for (int r = 0; r < NR; ++r) {
+      for (int v = 0; v < MV; ++v) {
+        float* p = part + r * kLanes + v * 16;
+        store16(p, set ? acc[r][v] : load16(p) + acc[r][v]);
+      }
+    }
+  }
+}
+
+// a (rows x depth, row-major) transposed into panel (depth x lanes), columns past `rows` zero.
+void pack_rows_panel(const float* a, int64_t rows, int64_t depth, int64_t lanes, float* panel) {
+  constexpr int64_t kBlock = 64;  // depth rows per task: their panel lines stay in L1 while rows are read
+  at::parallel_for(0, (depth + kBlock - 1) / kBlock, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t k0 = blk * kBlock, k1 = std::min(depth, k0 + kBlock);
+      for (int64_t k = k0; k < k1; ++k) std::fill(panel + k * lanes + rows, panel + (k + 1) * lanes, 0.0f);
+      for (int64_t m = 0; m < rows; ++m) {
+        const float* src = a + m * depth;
+        for (int64_t k = k0; k < k1; ++k) panel[k * lanes + m] = src[k];
+      }
+    }
+  });
+}
+
+template <int MV, int NR>
+void broadcast_product(const float* pa, int64_t rows, int64_t depth, const float* pw, int64_t n, const float* bias,
+                       float* po, ProductLayout layout) {
+  constexpr int64_t kLanes = MV * 16;
+  std::vector<float> panel(depth * kLanes);
+  pack_rows_panel(pa, rows, depth, kLanes, panel.data());
+  const int64_t tiles = (n + NR - 1) / NR;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> parts((end - begin) * NR * kLanes);
+    std::vector<float> edge;  // the last tile's weight rows, padded to NR by repeating its last row
+    for (int64_t k0 = 0; k0 < depth; k0 += kDepthChunk) {
+      const int64_t chunk = std::min(kDepthChunk, depth - k0);
+      for (int64_t tile = begin; tile < end; ++tile) {
+        const int64_t c0 = tile * NR, cols = std::min<int64_t>(NR, n - c0);
+        const float* w = pw + c0 * depth + k0;
+        int64_t ldw = depth;
+        if (cols < NR) {
+          edge.resize(NR * chunk);
+          for (int64_t r = 0; r < NR; ++r) std::memcpy(edge.data() + r * chunk, w + std::min<int64_t>(r, cols - 1) * depth,
+                                                       chunk * sizeof(float));
+          w = edge.data();
+          ldw = chunk;
+        }
+        broadcast_tile<MV, NR>(panel.data() + k0 * kLanes, w, ldw, chunk, parts.data() + (tile - begin) * NR * kLanes,
+                               k0 == 0);
+      }
+    }
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t c0 = tile * NR, cols = std::min<int64_t>(NR, n - c0);
+      const float* part = parts.data() + (tile - begin) * NR * kLanes;
+      for (int64_t c = 0; c < cols; ++c) {
+        const float b = bias ? bias[c0 + c] : 0.0f;
+        for (int64_t m = 0; m < rows; ++m) po[layout.at(m, c0 + c)] = part[c * kLanes + m] + b;
+      }
+    }
+  });
+}
+
+// SIGEC_NATIVE_NO_AVX512=1 takes the dot-product tiles on any machine (how tests cover them).
+bool has_avx512() {
+  static const bool supported = __builtin_cpu_supports("avx512f") && !std::getenv("SIGEC_NATIVE_NO_AVX512");
+  return supported;
+}
+#endif
+
+// Rows up to which conv_windows and linear take these kernels instead of the library GEMM. The
+// measured crossings with MKL's GEMM, weights cold: about 80 rows for the broadcast kernel on
+// a Xeon (beyond it, 6 vectors of rows leave room for only 4 weight rows), 96 or more for the
+// dot-product tiles on an AMD EPYC.
+int64_t small_rows_max() {
+#ifdef SIGEC_BROADCAST_PRODUCT
+  if (has_avx512()) return 80;
+#endif
+  return 96;
+}
+
+// out = a (rows, depth) * w (n, depth)^T + bias, placed by `layout`; a and w row-major
+// contiguous float, 1 <= rows <= small_rows_max().
+void small_rows_matmul(const Tensor& a, const Tensor& w, const c10::optional<Tensor>& bias, Tensor& out,
+                       int64_t group = 1) {
+  const int64_t rows = a.size(0), depth = a.size(1), n = w.size(0);
+  const ProductLayout layout{n, group};
+  const float* pa = a.data_ptr<float>();
+  const float* pw = w.data_ptr<float>();
+  float* po = out.data_ptr<float>();
+  Tensor b;
+  if (bias.has_value() && bias->defined()) b = bias->contiguous();
+  const float* pb = b.defined() ? b.data_ptr<float>() : nullptr;
+#ifdef SIGEC_BROADCAST_PRODUCT
+  if (has_avx512()) {
+    // MV vectors of rows times NR weight rows: at most 28 accumulators of the 32 registers
+    switch ((rows + 15) / 16) {
+      case 1: return broadcast_product<1, 24>(pa, rows, depth, pw, n, pb, po, layout);
+      case 2: return broadcast_product<2, 12>(pa, rows, depth, pw, n, pb, po, layout);
+      case 3: return broadcast_product<3, 8>(pa, rows, depth, pw, n, pb, po, layout);
+      case 4: return broadcast_product<4, 6>(pa, rows, depth, pw, n, pb, po, layout);
+      case 5: return broadcast_product<5, 5>(pa, rows, depth, pw, n, pb, po, layout);
+      default: break;
+    }
+  }
+#endif
+  for (int64_t m = 0; m < rows; ++m) {
+    for (int64_t c = 0; c < n; ++c) po[layout.at(m, c)] = pb ? pb[c] : 0.0f;
+  }
+  dot_tiles_product(pa, rows, depth, pw, n, po, layout);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -752,11 +890,14 @@ Tensor conv_windows(const Tensor& windows, const Tensor& weight, const c10::opti
     return at::conv2d(windows, weight, bias, stride, at::IntArrayRef(no_padding), dilation, groups).contiguous();
   }
   const Tensor cols = im2col(windows, {kh, kw}, stride);
+  if (cols.scalar_type() == at::kFloat && cols.size(0) <= small_rows_max() && weight.is_contiguous()) {
+    Tensor out = new_output({nb, co, oh, ow}, cols);
+    small_rows_matmul(cols, weight.reshape({co, -1}), bias, out, oh * ow);
+    return out;
+  }
   const Tensor matrix = weight.reshape({co, -1}).t();
   Tensor product = new_output({cols.size(0), co}, cols);
-  if (cols.scalar_type() == at::kFloat && cols.size(0) <= kSmallRowsMax && weight.is_contiguous()) {
-    small_rows_matmul(cols, weight.reshape({co, -1}), bias, product);
-  } else if (bias.has_value() && bias->defined()) {
+  if (bias.has_value() && bias->defined()) {
     at::addmm_out(product, *bias, cols, matrix);
   } else {
     at::mm_out(product, cols, matrix);
@@ -769,14 +910,14 @@ Tensor conv_windows(const Tensor& windows, const Tensor& weight, const c10::opti
 // ------------------------------------------------------------------------------------------
 // linear
 
-// F.linear; a float product with at most kSmallRowsMax rows (the tokens of a few active blocks)
+// F.linear; a float product with at most small_rows_max() rows (the tokens of a few active blocks)
 // reads the weight once, as stored (N, K), with the few-rows kernel above.
 Tensor linear(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias) {
   const bool has_bias = bias.has_value() && bias->defined();
   const int64_t depth = x.dim() > 0 ? x.size(-1) : 0;
   const int64_t rows = depth > 0 ? x.numel() / depth : 0;
   const bool few_rows = x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat && weight.dim() == 2 &&
-                        weight.is_contiguous() && weight.size(1) == depth && rows >= 1 && rows <= kSmallRowsMax &&
+                        weight.is_contiguous() && weight.size(1) == depth && rows >= 1 && rows <= small_rows_max() &&
                         (!has_bias || (bias->scalar_type() == at::kFloat && bias->numel() == weight.size(0)));
   if (!few_rows) return at::linear(x, weight, bias);
   const Tensor a = x.reshape({rows, depth}).contiguous();

@@ -148,11 +148,13 @@ def test_conv_windows_matches_reference(blocks, kernel, stride, dilation, groups
 
 
 @pytest.mark.parametrize("blocks,channels,out_channels", [(1, 3, 1), (5, 37, 6), (28, 16, 130), (96, 8, 5), (97, 8, 5),
-                                                      (11, 64, 67)])
+                                                      (11, 64, 67), (33, 8, 25), (49, 16, 13), (80, 8, 7), (81, 8, 7),
+                                                      (70, 256, 30)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_conv_windows_few_rows_product_matches_float64(blocks, channels, out_channels, bias):
-    # up to 96 output rows in float32 take the few-rows kernel: tiles of 4 x 4 with partial tiles,
-    # depths (channels x 9) with and without a tail past a multiple of 16, and past its 2048 chunk
+    # up to 80 output rows in float32 (96 without AVX-512) take the few-rows kernels: 1 to 5
+    # vectors of rows against 24 to 5 weight rows, or 4 x 4 dot-product tiles, with partial tiles,
+    # depths (channels x 9) with and without a tail past a multiple of 16, and past the 2048 chunk
     windows, weight = torch.randn(blocks, channels, 3, 3), torch.randn(out_channels, channels, 3, 3)
     b = torch.randn(out_channels) if bias else None
     got = sigec.conv_windows(windows, weight, b, [1, 1], [1, 1], 1)
@@ -164,11 +166,12 @@ def test_conv_windows_few_rows_product_matches_float64(blocks, channels, out_cha
 
 
 @pytest.mark.parametrize("shape,depth,out", [((1, 3), 3, 1), ((2, 3, 6), 37, 6), ((96, 1), 2100, 5), ((97,), 20, 9),
-                                             ((7, 4, 4), 64, 67), ((300,), 16, 8)])
+                                             ((7, 4, 4), 64, 67), ((300,), 16, 8), ((80,), 2100, 13), ((81,), 20, 9),
+                                             ((40,), 4500, 31)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_linear_matches_float64(shape, depth, out, bias):
-    # up to 96 rows in float32 take the few-rows kernel (partial tiles, depth tails, past its 2048
-    # chunk); more rows, F.linear
+    # up to 80 rows in float32 (96 without AVX-512) take the few-rows kernels (partial tiles,
+    # depth tails, past the 2048 chunk); more rows, F.linear
     x, weight = torch.randn(*shape, depth), torch.randn(out, depth)
     b = torch.randn(out) if bias else None
     got = sigec.linear(x, weight, b)
@@ -176,6 +179,34 @@ def test_linear_matches_float64(shape, depth, out, bias):
     expected = torch.nn.functional.linear(x.double(), weight.double(), None if b is None else b.double())
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(got, REFERENCE_KERNELS["linear"](x, weight, b), rtol=1e-5, atol=1e-4)
+
+
+_DOT_TILES_CHECK = """
+import torch
+from sigec.runtime import native
+assert native.load()
+torch.manual_seed(0)
+for rows, depth, out in [(1, 3, 1), (5, 37, 6), (28, 2100, 130), (81, 40, 5), (96, 19, 7)]:
+    x, w, b = torch.randn(rows, depth), torch.randn(out, depth), torch.randn(out)
+    got = torch.ops.sigec.linear(x, w, b).double()
+    expected = torch.nn.functional.linear(x.double(), w.double(), b.double())
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+windows, weight, b = torch.randn(9, 16, 4, 4), torch.randn(70, 16, 3, 3), torch.randn(70)
+got = torch.ops.sigec.conv_windows(windows, weight, b, [1, 1], [1, 1], 1).double()
+expected = torch.nn.functional.conv2d(windows.double(), weight.double(), b.double())
+torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+print("ok")
+"""
+
+
+def test_few_rows_dot_product_tiles_match_float64():
+    # the kernel of machines without AVX-512, forced on this one (the choice is made once per process)
+    import subprocess
+    import sys
+
+    env = dict(os.environ, SIGEC_NATIVE_NO_AVX512="1")
+    done = subprocess.run([sys.executable, "-c", _DOT_TILES_CHECK], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
