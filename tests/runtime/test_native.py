@@ -153,7 +153,7 @@ def test_conv_windows_matches_reference(blocks, kernel, stride, dilation, groups
 @pytest.mark.parametrize("bias", [True, False])
 def test_conv_windows_few_rows_product_matches_float64(blocks, channels, out_channels, bias):
     # up to 80 output rows in float32 (96 without AVX-512) take the few-rows kernels: 1 to 5
-    # vectors of rows against 24 to 5 weight rows, or 4 x 4 dot-product tiles, with partial tiles,
+    # vectors of rows against 16 to 5 weight rows, or 4 x 4 dot-product tiles, with partial tiles,
     # depths (channels x 9) with and without a tail past a multiple of 16, and past the 2048 chunk
     windows, weight = torch.randn(blocks, channels, 3, 3), torch.randn(out_channels, channels, 3, 3)
     b = torch.randn(out_channels) if bias else None
