@@ -28,6 +28,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <type_traits>
@@ -787,8 +788,9 @@ template <int MV, int NR>
 void broadcast_product(const float* pa, int64_t rows, int64_t depth, const float* pw, int64_t n, const float* bias,
                        float* po, ProductLayout layout) {
   constexpr int64_t kLanes = MV * 16;
-  std::vector<float> panel(depth * kLanes);
-  pack_rows_panel(pa, rows, depth, kLanes, panel.data());
+  // uninitialized: pack_rows_panel writes every value (a vector would zero 1.5 MB first)
+  const std::unique_ptr<float[]> panel(new float[depth * kLanes]);
+  pack_rows_panel(pa, rows, depth, kLanes, panel.get());
   const int64_t tiles = (n + NR - 1) / NR;
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> parts((end - begin) * NR * kLanes);
@@ -806,7 +808,7 @@ void broadcast_product(const float* pa, int64_t rows, int64_t depth, const float
           w = edge.data();
           ldw = chunk;
         }
-        broadcast_tile<MV, NR>(panel.data() + k0 * kLanes, w, ldw, chunk, parts.data() + (tile - begin) * NR * kLanes,
+        broadcast_tile<MV, NR>(panel.get() + k0 * kLanes, w, ldw, chunk, parts.data() + (tile - begin) * NR * kLanes,
                                k0 == 0);
       }
     }
