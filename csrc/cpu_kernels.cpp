@@ -793,7 +793,8 @@ void broadcast_product(const float* pa, int64_t rows, int64_t depth, const float
   pack_rows_panel(pa, rows, depth, kLanes, panel.get());
   const int64_t tiles = (n + NR - 1) / NR;
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> parts((end - begin) * NR * kLanes);
+    // uninitialized, as the panel: each tile's first chunk sets its part
+    const std::unique_ptr<float[]> parts(new float[(end - begin) * NR * kLanes]);
     std::vector<float> edge;  // the last tile's weight rows, padded to NR by repeating its last row
     for (int64_t k0 = 0; k0 < depth; k0 += kDepthChunk) {
       const int64_t chunk = std::min(kDepthChunk, depth - k0);
@@ -808,13 +809,13 @@ void broadcast_product(const float* pa, int64_t rows, int64_t depth, const float
           w = edge.data();
           ldw = chunk;
         }
-        broadcast_tile<MV, NR>(panel.get() + k0 * kLanes, w, ldw, chunk, parts.data() + (tile - begin) * NR * kLanes,
+        broadcast_tile<MV, NR>(panel.get() + k0 * kLanes, w, ldw, chunk, parts.get() + (tile - begin) * NR * kLanes,
                                k0 == 0);
       }
     }
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t c0 = tile * NR, cols = std::min<int64_t>(NR, n - c0);
-      const float* part = parts.data() + (tile - begin) * NR * kLanes;
+      const float* part = parts.get() + (tile - begin) * NR * kLanes;
       for (int64_t c = 0; c < cols; ++c) {
         const float b = bias ? bias[c0 + c] : 0.0f;
         for (int64_t m = 0; m < rows; ++m) po[layout.at(m, c0 + c)] = part[c * kLanes + m] + b;
