@@ -657,10 +657,12 @@ Tensor im2col(const Tensor& windows_in, at::IntArrayRef kernel, at::IntArrayRef 
 // to 59 MB (a 1280-channel 3x3 convolution), which streams from memory once per call. The
 // library GEMM packs the weight on every call; these kernels read it once, in the layout it is
 // stored in (C_out, C_in * kh * kw), and threads split the output channels.
-// * With AVX-512: the rows of `a`, transposed into a panel of depth x (16 * MV) floats, are
-//   broadcast-multiplied by weight values: NR weight rows times MV vectors of rows accumulate
-//   in registers along the depth (no horizontal sums), over chunks of the depth that keep the
-//   panel in L2.
+// * With AVX-512: the rows of `a`, transposed into panels of depth x (16 * MV) floats (one per
+//   chunk of 16 MV rows), are broadcast-multiplied by weight values: NR weight rows times MV
+//   vectors of rows accumulate in registers along the depth (no horizontal sums), over chunks of
+//   the depth that keep the panels in L2. With more rows than one chunk (up to a few hundred: the
+//   products of mid resolutions, where MKL's GEMM on an AMD CPU runs well below the FMA rate),
+//   every chunk reads the same few weight values from L1.
 // * Elsewhere: 4 x 4 tiles of 16-wide dot products along the depth.
 constexpr int64_t kTileRows = 4, kTileCols = 4, kDepthChunk = 2048;
 
@@ -737,67 +739,87 @@ void dot_tiles_product(const float* pa, int64_t rows, int64_t depth, const float
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define SIGEC_BROADCAST_PRODUCT 1
 
-// part (NR x 16 MV) = w[0:NR][0:depth] (rows ldw apart) times panel[0:depth] (rows of 16 MV
-// floats), set on the first chunk and added to after: one weight value broadcast against MV
-// vectors of rows per multiply-add. The registers are summed into `part` every kSumBlock
-// values of the depth, so rounding grows as in a blocked sum (about the library GEMM's), not
-// along one chain of 2048 products.
+// For each chunk of 16 MV rows: part[chunk] (NR x 16 MV) = w[0:NR][0:depth] (rows ldw apart)
+// times panel[chunk][0:depth] (rows of 16 MV floats, chunks panel_stride apart), set on the first
+// depth chunk and added to after: one weight value broadcast against MV vectors of rows per
+// multiply-add. The chunks run inside each block of kSumBlock depth values, so the NR x kSumBlock
+// weight values stay in L1 while every chunk of rows reads them. The registers are summed into
+// `part` every kSumBlock values of the depth, so rounding grows as in a blocked sum (about the
+// library GEMM's), not along one chain of 2048 products.
 constexpr int64_t kSumBlock = 256;
 
 template <int MV, int NR>
 __attribute__((target("avx512f")))
-void broadcast_tile(const float* panel, const float* w, int64_t ldw, int64_t depth, float* part, bool first) {
+void broadcast_tile(const float* panel, int64_t chunks, int64_t panel_stride, const float* w, int64_t ldw,
+                    int64_t depth, float* part, bool first) {
   constexpr int64_t kLanes = MV * 16;
   for (int64_t k0 = 0; k0 < depth; k0 += kSumBlock) {
     const int64_t k1 = std::min(depth, k0 + kSumBlock);
-    float16v acc[NR][MV] = {};
-    for (int64_t k = k0; k < k1; ++k) {
-      float16v rows[MV];
-      for (int v = 0; v < MV; ++v) rows[v] = load16(panel + k * kLanes + v * 16);
-      for (int r = 0; r < NR; ++r) {
-        const float weight = w[r * ldw + k];
-        for (int v = 0; v < MV; ++v) acc[r][v] += rows[v] * weight;
-      }
-    }
     const bool set = first && k0 == 0;
-    for (int r = 0; r < NR; ++r) {
-      for (int v = 0; v < MV; ++v) {
-        float* p = part + r * kLanes + v * 16;
-        store16(p, set ? acc[r][v] : load16(p) + acc[r][v]);
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+      const float* rows_at = panel + chunk * panel_stride;
+      float16v acc[NR][MV] = {};
+      for (int64_t k = k0; k < k1; ++k) {
+        float16v rows[MV];
+        for (int v = 0; v < MV; ++v) rows[v] = load16(rows_at + k * kLanes + v * 16);
+        for (int r = 0; r < NR; ++r) {
+          const float weight = w[r * ldw + k];
+          for (int v = 0; v < MV; ++v) acc[r][v] += rows[v] * weight;
+        }
+      }
+      float* chunk_part = part + chunk * NR * kLanes;
+      for (int r = 0; r < NR; ++r) {
+        for (int v = 0; v < MV; ++v) {
+          float* p = chunk_part + r * kLanes + v * 16;
+          store16(p, set ? acc[r][v] : load16(p) + acc[r][v]);
+        }
       }
     }
   }
 }
 
-// a (rows x depth, row-major) transposed into panel (depth x lanes), columns past `rows` zero.
+// a (rows x depth, row-major) transposed into chunks of `lanes` rows, each a panel of depth x lanes
+// floats (chunk c at panel + c * depth * lanes); lanes past `rows` are zero.
 void pack_rows_panel(const float* a, int64_t rows, int64_t depth, int64_t lanes, float* panel) {
   constexpr int64_t kBlock = 64;  // depth rows per task: their panel lines stay in L1 while rows are read
-  at::parallel_for(0, (depth + kBlock - 1) / kBlock, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t k0 = blk * kBlock, k1 = std::min(depth, k0 + kBlock);
-      for (int64_t k = k0; k < k1; ++k) std::fill(panel + k * lanes + rows, panel + (k + 1) * lanes, 0.0f);
-      for (int64_t m = 0; m < rows; ++m) {
+  const int64_t chunks = (rows + lanes - 1) / lanes, blocks = (depth + kBlock - 1) / kBlock;
+  at::parallel_for(0, chunks * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t chunk = task / blocks, k0 = (task % blocks) * kBlock, k1 = std::min(depth, k0 + kBlock);
+      const int64_t m0 = chunk * lanes, m1 = std::min(rows, m0 + lanes);
+      float* out = panel + chunk * depth * lanes;
+      for (int64_t k = k0; k < k1; ++k) std::fill(out + k * lanes + (m1 - m0), out + (k + 1) * lanes, 0.0f);
+      for (int64_t m = m0; m < m1; ++m) {
         const float* src = a + m * depth;
-        for (int64_t k = k0; k < k1; ++k) panel[k * lanes + m] = src[k];
+        for (int64_t k = k0; k < k1; ++k) out[k * lanes + (m - m0)] = src[k];
       }
     }
   });
+}
+
+// Depth values per pass over the weight: the panel's slice of them (all chunks of rows) stays in
+// L2, about 640 KB, and a whole number of kSumBlock.
+int64_t panel_depth_chunk(int64_t chunks, int64_t lanes) {
+  const int64_t fit = (int64_t{640} * 1024 / 4) / (chunks * lanes);
+  return std::max(kSumBlock, fit / kSumBlock * kSumBlock);
 }
 
 template <int MV, int NR>
 void broadcast_product(const float* pa, int64_t rows, int64_t depth, const float* pw, int64_t n, const float* bias,
                        float* po, ProductLayout layout) {
   constexpr int64_t kLanes = MV * 16;
+  const int64_t chunks = (rows + kLanes - 1) / kLanes, panel_stride = depth * kLanes;
+  const int64_t depth_chunk = panel_depth_chunk(chunks, kLanes);
   // uninitialized: pack_rows_panel writes every value (a vector would zero 1.5 MB first)
-  const std::unique_ptr<float[]> panel(new float[depth * kLanes]);
+  const std::unique_ptr<float[]> panel(new float[chunks * panel_stride]);
   pack_rows_panel(pa, rows, depth, kLanes, panel.get());
-  const int64_t tiles = (n + NR - 1) / NR;
+  const int64_t tiles = (n + NR - 1) / NR, tile_part = chunks * NR * kLanes;
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     // uninitialized, as the panel: each tile's first chunk sets its part
-    const std::unique_ptr<float[]> parts(new float[(end - begin) * NR * kLanes]);
+    const std::unique_ptr<float[]> parts(new float[(end - begin) * tile_part]);
     std::vector<float> edge;  // the last tile's weight rows, padded to NR by repeating its last row
-    for (int64_t k0 = 0; k0 < depth; k0 += kDepthChunk) {
-      const int64_t chunk = std::min(kDepthChunk, depth - k0);
+    for (int64_t k0 = 0; k0 < depth; k0 += depth_chunk) {
+      const int64_t chunk = std::min(depth_chunk, depth - k0);
       for (int64_t tile = begin; tile < end; ++tile) {
         const int64_t c0 = tile * NR, cols = std::min<int64_t>(NR, n - c0);
         const float* w = pw + c0 * depth + k0;
@@ -809,19 +831,32 @@ void broadcast_product(const float* pa, int64_t rows, int64_t depth, const float
           w = edge.data();
           ldw = chunk;
         }
-        broadcast_tile<MV, NR>(panel.get() + k0 * kLanes, w, ldw, chunk, parts.get() + (tile - begin) * NR * kLanes,
-                               k0 == 0);
+        broadcast_tile<MV, NR>(panel.get() + k0 * kLanes, chunks, panel_stride, w, ldw, chunk,
+                               parts.get() + (tile - begin) * tile_part, k0 == 0);
       }
     }
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t c0 = tile * NR, cols = std::min<int64_t>(NR, n - c0);
-      const float* part = parts.get() + (tile - begin) * NR * kLanes;
+      const float* part = parts.get() + (tile - begin) * tile_part;
       for (int64_t c = 0; c < cols; ++c) {
         const float b = bias ? bias[c0 + c] : 0.0f;
-        for (int64_t m = 0; m < rows; ++m) po[layout.at(m, c0 + c)] = part[c * kLanes + m] + b;
+        for (int64_t m = 0; m < rows; ++m) {
+          po[layout.at(m, c0 + c)] = part[(m / kLanes) * NR * kLanes + c * kLanes + m % kLanes] + b;
+        }
       }
     }
   });
+}
+
+// Vectors of 16 rows per chunk (MV, 1 to 5) that pad `rows` the least, the most on ties.
+int vectors_per_chunk(int64_t rows) {
+  int best = 5;
+  int64_t best_lanes = (rows + 79) / 80 * 80;
+  for (int mv = 4; mv >= 1; --mv) {
+    const int64_t lanes = (rows + 16 * mv - 1) / (16 * mv) * (16 * mv);
+    if (lanes < best_lanes) best = mv, best_lanes = lanes;
+  }
+  return best;
 }
 
 // SIGEC_NATIVE_NO_AVX512=1 takes the dot-product tiles on any machine (how tests cover them).
@@ -831,13 +866,18 @@ bool has_avx512() {
 }
 #endif
 
-// Rows up to which conv_windows and linear take these kernels instead of the library GEMM. The
-// measured crossings with MKL's GEMM, weights cold: about 80 rows for the broadcast kernel on
-// a Xeon (beyond it, 6 vectors of rows leave room for only 4 weight rows), 96 or more for the
-// dot-product tiles on an AMD EPYC.
+// Rows up to which conv_windows and linear take these kernels instead of the library GEMM, as
+// measured against MKL's GEMM (weights cold, 2 threads):
+// * the broadcast kernel on an AMD EPYC (Zen 4, AVX-512): faster up to about 320 rows (1.2-1.5x
+//   at 91-192 rows, where MKL runs its GEMM at 15-20 ps per multiply-add), slower from 400;
+// * the broadcast kernel on an Intel Xeon: faster up to about 80 rows (MKL's own AVX-512 GEMM);
+// * the dot-product tiles on an AMD EPYC: up to 96 rows or more.
 int64_t small_rows_max() {
 #ifdef SIGEC_BROADCAST_PRODUCT
-  if (has_avx512()) return 80;
+  if (has_avx512()) {
+    static const int64_t most = __builtin_cpu_is("amd") ? 256 : 80;
+    return most;
+  }
 #endif
   return 96;
 }
@@ -858,13 +898,12 @@ void small_rows_matmul(const Tensor& a, const Tensor& w, const c10::optional<Ten
   if (has_avx512()) {
     // MV vectors of rows times NR weight rows: at most 25 accumulators of the 32 registers, and
     // at most 16 weight rows read side by side (24 ran at half the speed: too many streams)
-    switch ((rows + 15) / 16) {
+    switch (vectors_per_chunk(rows)) {
       case 1: return broadcast_product<1, 16>(pa, rows, depth, pw, n, pb, po, layout);
       case 2: return broadcast_product<2, 12>(pa, rows, depth, pw, n, pb, po, layout);
       case 3: return broadcast_product<3, 8>(pa, rows, depth, pw, n, pb, po, layout);
       case 4: return broadcast_product<4, 6>(pa, rows, depth, pw, n, pb, po, layout);
-      case 5: return broadcast_product<5, 5>(pa, rows, depth, pw, n, pb, po, layout);
-      default: break;
+      default: return broadcast_product<5, 5>(pa, rows, depth, pw, n, pb, po, layout);
     }
   }
 #endif

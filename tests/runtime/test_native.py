@@ -149,12 +149,14 @@ def test_conv_windows_matches_reference(blocks, kernel, stride, dilation, groups
 
 @pytest.mark.parametrize("blocks,channels,out_channels", [(1, 3, 1), (5, 37, 6), (28, 16, 130), (96, 8, 5), (97, 8, 5),
                                                       (11, 64, 67), (33, 8, 25), (49, 16, 13), (80, 8, 7), (81, 8, 7),
-                                                      (70, 256, 30)])
+                                                      (70, 256, 30), (91, 40, 9), (160, 64, 13), (256, 8, 7),
+                                                      (257, 8, 7)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_conv_windows_few_rows_product_matches_float64(blocks, channels, out_channels, bias):
-    # up to 80 output rows in float32 (96 without AVX-512) take the few-rows kernels: 1 to 5
-    # vectors of rows against 16 to 5 weight rows, or 4 x 4 dot-product tiles, with partial tiles,
-    # depths (channels x 9) with and without a tail past a multiple of 16, and past the 2048 chunk
+    # up to 256 output rows in float32 (80 on an Intel CPU, 96 without AVX-512) take the few-rows
+    # kernels: chunks of 1 to 5 vectors of rows against 16 to 5 weight rows, or 4 x 4 dot-product
+    # tiles, with partial tiles, depths (channels x 9) with and without a tail past a multiple of
+    # 16, and past the depth chunk
     windows, weight = torch.randn(blocks, channels, 3, 3), torch.randn(out_channels, channels, 3, 3)
     b = torch.randn(out_channels) if bias else None
     got = sigec.conv_windows(windows, weight, b, [1, 1], [1, 1], 1)
@@ -167,11 +169,12 @@ def test_conv_windows_few_rows_product_matches_float64(blocks, channels, out_cha
 
 @pytest.mark.parametrize("shape,depth,out", [((1, 3), 3, 1), ((2, 3, 6), 37, 6), ((96, 1), 2100, 5), ((97,), 20, 9),
                                              ((7, 4, 4), 64, 67), ((300,), 16, 8), ((80,), 2100, 13), ((81,), 20, 9),
-                                             ((40,), 4500, 31)])
+                                             ((40,), 4500, 31), ((91,), 700, 37), ((200,), 2100, 19), ((16, 16), 30, 70),
+                                             ((257,), 20, 9)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_linear_matches_float64(shape, depth, out, bias):
-    # up to 80 rows in float32 (96 without AVX-512) take the few-rows kernels (partial tiles,
-    # depth tails, past the 2048 chunk); more rows, F.linear
+    # up to 256 rows in float32 (80 on an Intel CPU, 96 without AVX-512) take the few-rows kernels
+    # (partial tiles, several chunks of rows, depth tails, past the depth chunk); more rows, F.linear
     x, weight = torch.randn(*shape, depth), torch.randn(out, depth)
     b = torch.randn(out) if bias else None
     got = sigec.linear(x, weight, b)
