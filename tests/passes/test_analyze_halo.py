@@ -29,10 +29,12 @@ def test_windows_follow_conv_arithmetic():
     assert node(gm, "add").meta[K.WINDOW].is_identity
 
 
-def test_block_not_multiple_of_upsampling_factor_falls_back():
+def test_an_up_sampling_takes_blocks_of_whole_input_pixels_and_the_ops_around_it_keep_theirs():
     gm, ctx = analyse(Geometry(), (torch.randn(1, 2, 18, 18),), until="analyze_halo", block_size=3)
-    assert node(gm, "upsample_bilinear2d").meta[K.RULE] is None
-    assert "multiple of the up-sampling factor" in ctx.fallbacks["upsample_bilinear2d"]
+    up = node(gm, "upsample_bilinear2d")
+    assert up.meta[K.GRID] == (4, 4) and up.meta[K.RULE] is not None and not ctx.fallbacks
+    assert up.meta[K.WINDOW] == WindowSpec((4, 4), (4, 4), (2, 2), (-1, -1), "replicate", 0.0, (2, 2))
+    assert node(gm, "add").meta[K.GRID] == (3, 3) and node(gm, "conv2d").meta[K.GRID] == (3, 3)
 
 
 def test_block_size_clipped_to_resolution_and_per_resolution_mapping():
@@ -53,13 +55,22 @@ class UpFromLow(nn.Module):
         return self.conv(F.interpolate(self.down(x), scale_factor=2.0, mode="nearest"))
 
 
-def test_automatic_blocks_are_multiples_of_the_up_sampling_factor():
-    gm, ctx = analyse(UpFromLow(), (torch.randn(1, 2, 8, 8),), until="analyze_halo")
-    up = node(gm, "upsample_nearest2d")
-    assert up.meta[K.GRID] == (2, 2) and node(gm, "conv2d_1").meta[K.GRID] == (2, 2)
-    assert up.meta[K.RULE] is not None and not ctx.fallbacks
-    assert node(gm, "conv2d").meta[K.GRID] == (1, 1)  # 4x4: nothing there needs more
-    # a size the user gives is kept, and the up-sampling falls back with the reason
-    gm, ctx = analyse(UpFromLow(), (torch.randn(1, 2, 8, 8),), until="analyze_halo", block_size=1)
-    assert node(gm, "upsample_nearest2d").meta[K.RULE] is None
-    assert "multiple of the up-sampling factor 2" in ctx.fallbacks["upsample_nearest2d"]
+def test_only_the_up_sampling_is_raised_to_its_factor():
+    for block_size in (None, 1):  # automatic (1 pixel at 8x8 and 4x4) or given
+        gm, ctx = analyse(UpFromLow(), (torch.randn(1, 2, 8, 8),), until="analyze_halo", block_size=block_size)
+        up = node(gm, "upsample_nearest2d")
+        assert up.meta[K.GRID] == (2, 2) and up.meta[K.RULE] is not None and not ctx.fallbacks
+        assert node(gm, "conv2d_1").meta[K.GRID] == (1, 1) and node(gm, "conv2d").meta[K.GRID] == (1, 1)
+
+
+def test_the_plan_for_small_edits_takes_blocks_half_as_wide():
+    from sigec.ir.settings import SMALL_EDIT, CompileSettings
+
+    settings = CompileSettings()
+    small, large = settings.for_plan(SMALL_EDIT), settings.for_plan(0.05)
+    assert [small.block_for(r, r) for r in (256, 64, 32, 8)] == [(8, 8), (2, 2), (1, 1), (1, 1)]
+    assert [large.block_for(r, r) for r in (256, 64, 32, 8)] == [(8, 8), (4, 4), (2, 2), (1, 1)]
+    # the analysis of each plan's graph uses its own grid
+    for fraction, grid in ((0.01, (2, 2)), (0.2, (4, 4))):
+        gm, _ = analyse(Geometry(), (torch.randn(1, 2, 64, 64),), until="analyze_halo", expected_active_fraction=fraction)
+        assert node(gm, "conv2d").meta[K.GRID] == grid
