@@ -4,7 +4,8 @@
 (``scaled_dot_product_attention`` with its head split and merge, or ``softmax(bmm(q, k) * s) @ v``
 written by hand) into one ``sigec.attention`` call whose query is the 4-D image-shaped view of the
 tokens. That makes the query side of attention per-pixel, so the block machinery can run it on
-the active blocks only (``sigec.attention_blocks``), while keys and values are read whole.
+the active blocks only (``sigec.attention_blocks``), while keys and values are read whole. Both
+run ``sigec.attend`` on tokens ``(N, L, C)``; on the CPU in fp32 the active queries' one is native.
 
 Conventions, shared by both ops:
 
@@ -34,11 +35,22 @@ def _split_heads(t: Tensor, heads: int) -> Tensor:
     return t.view(n, length, heads, c // heads).transpose(1, 2)
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, heads: int, scale: Optional[float]) -> Tensor:
-    """Token attention: ``q (N, L, C)``, ``k (N, S, C)``, ``v (N, S, Cv)`` -> ``(N, L, Cv)``."""
+def attend_reference(q: Tensor, k: Tensor, v: Tensor, heads: int, scale: Optional[float]) -> Tensor:
+    """Token attention: ``q (N, L, C)``, ``k (N, S, C)``, ``v (N, S, Cv)`` -> ``(N, L, Cv)``, contiguous."""
     out = F.scaled_dot_product_attention(_split_heads(q, heads), _split_heads(k, heads),
                                          _split_heads(v, heads), scale=scale)
-    return out.transpose(1, 2).reshape(q.shape[0], q.shape[1], v.shape[-1])
+    return out.transpose(1, 2).reshape(q.shape[0], q.shape[1], v.shape[-1]).contiguous()
+
+
+# the token attention of the active queries (``attention_blocks``); its CPU fp32 kernel is native
+# (csrc/cpu_kernels.cpp). The dense ``attention`` keeps the library's kernel, as the captured model
+# runs it: a recording then reproduces the model's output bit for bit.
+attend = torch.library.custom_op("sigec::attend", mutates_args=())(attend_reference)
+
+
+@attend.register_fake
+def _(q, k, v, heads, scale):
+    return q.new_empty((q.shape[0], q.shape[1], v.shape[-1]))
 
 
 def _check(op: str, q: Tensor, k: Tensor, v: Tensor, heads: int) -> None:
@@ -56,7 +68,7 @@ def _check(op: str, q: Tensor, k: Tensor, v: Tensor, heads: int) -> None:
 def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, scale: Optional[float]) -> Tensor:
     """Multi-head attention of every query position over every key position: ``(N, *q positions, Cv)``."""
     _check("attention", q, k, v, heads)
-    out = _attend(_tokens(q), _tokens(k), _tokens(v), heads, scale)
+    out = attend_reference(_tokens(q), _tokens(k), _tokens(v), heads, scale)
     return out.reshape(*q.shape[:-1], v.shape[-1]).contiguous()
 
 
@@ -78,7 +90,7 @@ def attention_blocks(q_blocks: Tensor, k: Tensor, v: Tensor, heads: int, scale: 
     rows, bh, bw, c = q_blocks.shape
     # (nb, N, bh*bw, C) -> per sample, the queries of all its active blocks
     q = q_blocks.reshape(rows // n, n, bh * bw, c).transpose(0, 1).reshape(n, -1, c)
-    out = _attend(q, _tokens(k), _tokens(v), heads, scale)
+    out = torch.ops.sigec.attend(q, _tokens(k), _tokens(v), heads, scale)
     cv = v.shape[-1]
     return out.reshape(n, rows // n, bh * bw, cv).transpose(0, 1).reshape(rows, bh, bw, cv).contiguous()
 
@@ -99,13 +111,17 @@ def attention_macs(q_shape, k_shape, v_shape) -> int:
     return queries * keys * (int(q_shape[-1]) + int(v_shape[-1]))
 
 
-@register_flop_formula([torch.ops.sigec.attention, torch.ops.sigec.attention_blocks])
+@register_flop_formula([torch.ops.sigec.attention, torch.ops.sigec.attention_blocks, torch.ops.sigec.attend])
 def _attention_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
     """What ``torch.utils.flop_counter.FlopCounterMode`` counts for these ops (two FLOPs per MAC)."""
     return 2 * attention_macs(q_shape, k_shape, v_shape)
 
 
+#: The pure-PyTorch kernel of each op here that has a native one (csrc/cpu_kernels.cpp).
+REFERENCE_KERNELS = {"attend": attend_reference}
+
 ALL_OPS = {
+    "attend": torch.ops.sigec.attend.default,
     "attention": torch.ops.sigec.attention.default,
     "attention_blocks": torch.ops.sigec.attention_blocks.default,
 }

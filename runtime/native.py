@@ -36,7 +36,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from sigec.runtime import ops, token_ops
+from sigec.runtime import attention, ops, token_ops
 
 log = logging.getLogger("sigec.native")
 
@@ -324,7 +324,7 @@ def reference_kernels() -> Iterator[None]:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*[Oo]verrid.*")
             if _state["loaded"]:
-                for name, fn in ops.REFERENCE_KERNELS.items():
+                for name, fn in {**ops.REFERENCE_KERNELS, **attention.REFERENCE_KERNELS}.items():
                     lib.impl(name, fn, "CPU")
             if _cuda_state["loaded"]:
                 for name, fn in {**ops.REFERENCE_KERNELS, **token_ops.REFERENCE_KERNELS}.items():
