@@ -13,11 +13,11 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/conv2d.h>
-#include <ATen/ops/scaled_dot_product_attention.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/linear.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/scaled_dot_product_attention.h>
 #include <c10/core/ScalarType.h>
 #include <c10/core/impl/alloc_cpu.h>
 #include <c10/util/irange.h>
@@ -978,10 +978,10 @@ Tensor linear(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>
 
 // The library's flash attention runs small GEMMs whose depth is the head's channels: 20+ ps per
 // multiply-add on SD 1.x's heads of 40 channels (the 64x64 self-attention, 4096 keys), and some
-// 180 on a DDPM UNet's 64 heads of 8. Here a task takes 16 queries of one head through every key:
-// the scores come from key values broadcast against the queries' panel (16 queries per vector,
-// accumulated in registers), the softmax runs along the keys with no horizontal sums, and the
-// values are weighted the same way, each value broadcast against a vector of 16 probabilities.
+// 180 on a DDPM UNet's 64 heads of 8. Here a task takes 16 or 32 queries of one head through
+// every key: the scores come from key values broadcast against the queries' panel (16 queries per
+// vector, accumulated in registers), the softmax runs along the keys with no horizontal sums, and
+// the values are weighted the same way, each value broadcast against vectors of probabilities.
 #ifdef SIGEC_BROADCAST_PRODUCT
 constexpr int64_t kKeyTile = 8, kValueTile = 8;
 
