@@ -3,6 +3,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sigec.ir import meta_keys as K
+from sigec.ir.settings import SMALL_EDIT, CompileSettings
 from sigec.passes.op_table import WindowSpec
 from tests.passes.helpers import analyse, node
 
@@ -64,8 +65,6 @@ def test_only_the_up_sampling_is_raised_to_its_factor():
 
 
 def test_the_plan_for_small_edits_takes_blocks_half_as_wide():
-    from sigec.ir.settings import SMALL_EDIT, CompileSettings
-
     settings = CompileSettings()
     small, large = settings.for_plan(SMALL_EDIT), settings.for_plan(0.05)
     assert [small.block_for(r, r) for r in (256, 64, 32, 8)] == [(8, 8), (2, 2), (1, 1), (1, 1)]
