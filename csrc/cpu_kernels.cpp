@@ -1052,53 +1052,57 @@ void attend_queries(const float* q, const float* k, const float* v, int64_t ldq,
 }
 #endif
 
-// q (N, L, C), k (N, S, C), v (N, S, Cv) -> (N, L, Cv); heads split the channels as diffusers does.
-Tensor attend(const Tensor& q, const Tensor& k, const Tensor& v, int64_t heads, c10::optional<double> scale) {
-  TORCH_CHECK_VALUE(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "sigec.attend: q, k and v must be 3-D (N, L, C)");
-  TORCH_CHECK_VALUE(heads >= 1 && q.size(2) % heads == 0 && v.size(2) % heads == 0 && k.size(2) == q.size(2),
-                    "sigec.attend: channels must split into `heads` heads, keys as the queries");
-  const int64_t n = q.size(0), length = q.size(1), keys = k.size(1), d = q.size(2) / heads, dv = v.size(2) / heads;
-  bool native = false;
 #ifdef SIGEC_BROADCAST_PRODUCT
-  native = has_avx512() && q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat &&
-           v.scalar_type() == at::kFloat && k.size(0) == n && v.size(0) == n && v.size(1) == keys && keys >= 1 &&
-           keys <= 65536 && dv >= kValueTile && length >= 1;
-#endif
-  if (!native) {
-    auto split = [heads](const Tensor& t) { return t.view({t.size(0), t.size(1), heads, -1}).transpose(1, 2); };
-    const Tensor out = at::scaled_dot_product_attention(split(q), split(k), split(v), {}, 0.0, false, scale);
-    return out.transpose(1, 2).reshape({n, length, v.size(2)}).contiguous();
-  }
-  Tensor out = at::empty({n, length, v.size(2)}, q.options());
-#ifdef SIGEC_BROADCAST_PRODUCT
+// attend() on fp32 tokens: tasks of 16 or 32 queries of one head and sample.
+Tensor attend_native(const Tensor& q, const Tensor& k, const Tensor& v, int64_t heads, float scale) {
   const Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
-  const float factor = scale.has_value() ? static_cast<float>(*scale) : 1.0f / std::sqrt(static_cast<float>(d));
+  const int64_t n = q.size(0), length = q.size(1), keys = k.size(1), c = q.size(2), cv = v.size(2);
+  const int64_t d = c / heads, dv = cv / heads;
+  Tensor out = at::empty({n, length, cv}, q.options());
   const float* pq = qc.data_ptr<float>();
   const float* pk = kc.data_ptr<float>();
   const float* pv = vc.data_ptr<float>();
   float* po = out.data_ptr<float>();
   // 32 queries per task (each broadcast feeds two vectors), 16 when there are no more
-  const int64_t lanes = length > 16 ? 32 : 16;
-  const int64_t c = q.size(2), cv = v.size(2), chunks = (length + lanes - 1) / lanes;
+  const int64_t lanes = length > 16 ? 32 : 16, chunks = (length + lanes - 1) / lanes;
   at::parallel_for(0, n * heads * chunks, 1, [&](int64_t begin, int64_t end) {
     const std::unique_ptr<float[]> scores(new float[keys * lanes]), panel(new float[d * lanes]);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t chunk = task % chunks, head = (task / chunks) % heads, b = task / (chunks * heads);
-      const int64_t q0 = chunk * lanes;
+      const int64_t q0 = chunk * lanes, queries = std::min(lanes, length - q0);
       const float* tq = pq + (b * length + q0) * c + head * d;
       const float* tk = pk + b * keys * c + head * d;
       const float* tv = pv + b * keys * cv + head * dv;
       float* to = po + (b * length + q0) * cv + head * dv;
-      const int64_t queries = std::min(lanes, length - q0);
       if (lanes == 32) {
-        attend_queries<2>(tq, tk, tv, c, c, cv, queries, keys, d, dv, factor, scores.get(), panel.get(), to, cv);
+        attend_queries<2>(tq, tk, tv, c, c, cv, queries, keys, d, dv, scale, scores.get(), panel.get(), to, cv);
       } else {
-        attend_queries<1>(tq, tk, tv, c, c, cv, queries, keys, d, dv, factor, scores.get(), panel.get(), to, cv);
+        attend_queries<1>(tq, tk, tv, c, c, cv, queries, keys, d, dv, scale, scores.get(), panel.get(), to, cv);
       }
     }
   });
-#endif
   return out;
+}
+#endif
+
+// q (N, L, C), k (N, S, C), v (N, S, Cv) -> (N, L, Cv); heads split the channels as diffusers does.
+// fp32 with AVX-512 takes the kernel above; anything else, the library's attention.
+Tensor attend(const Tensor& q, const Tensor& k, const Tensor& v, int64_t heads, c10::optional<double> scale) {
+  TORCH_CHECK_VALUE(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "sigec.attend: q, k and v must be 3-D (N, L, C)");
+  TORCH_CHECK_VALUE(heads >= 1 && q.size(2) % heads == 0 && v.size(2) % heads == 0 && k.size(2) == q.size(2),
+                    "sigec.attend: channels must split into `heads` heads, keys as the queries");
+  const int64_t n = q.size(0), length = q.size(1), keys = k.size(1), d = q.size(2) / heads;
+#ifdef SIGEC_BROADCAST_PRODUCT
+  if (has_avx512() && q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat &&
+      v.scalar_type() == at::kFloat && k.size(0) == n && v.size(0) == n && v.size(1) == keys && keys >= 1 &&
+      keys <= 65536 && v.size(2) / heads >= kValueTile && length >= 1 && d >= 1) {
+    const double factor = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(d));
+    return attend_native(q, k, v, heads, static_cast<float>(factor));
+  }
+#endif
+  auto split = [heads](const Tensor& t) { return t.view({t.size(0), t.size(1), heads, -1}).transpose(1, 2); };
+  const Tensor out = at::scaled_dot_product_attention(split(q), split(k), split(v), {}, 0.0, false, scale);
+  return out.transpose(1, 2).reshape({n, length, v.size(2)}).contiguous();
 }
 
 }  // namespace

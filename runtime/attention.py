@@ -4,8 +4,9 @@
 (``scaled_dot_product_attention`` with its head split and merge, or ``softmax(bmm(q, k) * s) @ v``
 written by hand) into one ``sigec.attention`` call whose query is the 4-D image-shaped view of the
 tokens. That makes the query side of attention per-pixel, so the block machinery can run it on
-the active blocks only (``sigec.attention_blocks``), while keys and values are read whole. Both
-run ``sigec.attend`` on tokens ``(N, L, C)``; on the CPU in fp32 the active queries' one is native.
+the active blocks only (``sigec.attention_blocks``), while keys and values are read whole. The
+active queries go through ``sigec.attend`` (tokens ``(N, L, C)``; native on the CPU in fp32); the
+dense ``sigec.attention`` runs the library's kernel, as the captured model does.
 
 Conventions, shared by both ops:
 
